@@ -1,0 +1,20 @@
+//! Tether's shared types: the `tether.dev/v1alpha1` custom resources and, later, the
+//! agent ↔ operator wire protocol.
+//!
+//! The types are plain serde + schemars structs so that every program can use them; the
+//! `kube` feature adds the `CustomResource` derives (and with them the CRD manifests) for
+//! the programs that talk to a Kubernetes API.
+
+pub mod machine;
+
+pub use machine::{
+    Artifact, BootImageSpec, BootImageStatus, MachinePhase, MachineSpec, MachineStatus,
+};
+
+#[cfg(feature = "kube")]
+pub use machine::{BootImage, Machine};
+
+/// The API group every Tether resource belongs to.
+pub const GROUP: &str = "tether.dev";
+/// The API version of the resources in this crate.
+pub const VERSION: &str = "v1alpha1";

@@ -1,0 +1,88 @@
+//! Timed steps and the `test` command.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::deps;
+use crate::error::Error;
+
+/// Runs `f` as a named step, printing its start and wall time.
+pub fn timed<T>(name: &str, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    println!("==> {name}");
+    let start = Instant::now();
+    let result = f();
+    let took = start.elapsed();
+    match &result {
+        Ok(_) => println!("<== {name}: ok in {}", fmt_duration(took)),
+        Err(_) => println!("<== {name}: FAILED after {}", fmt_duration(took)),
+    }
+    result
+}
+
+/// `12.3s` or `4m05s`.
+pub fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root with the cached binaries on PATH; fails on non-zero.
+pub fn run(step: &str, program: &str, args: &[&str]) -> Result<(), Error> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .env("PATH", deps::path_with_cache()?)
+        .status()
+        .map_err(|e| Error::Step {
+            step: step.into(),
+            detail: format!("cannot run {program}: {e}"),
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Step {
+            step: step.into(),
+            detail: format!("`{program} {}` exited with {status}", args.join(" ")),
+        })
+    }
+}
+
+/// `cargo xtask test`: deps, fmt, clippy, every test.
+pub fn test(extra: &[String]) -> Result<(), Error> {
+    let total = Instant::now();
+    timed("deps", || deps::run(true).map(|_| ()))?;
+    timed("cargo fmt --check", || {
+        run("fmt", "cargo", &["fmt", "--all", "--", "--check"])
+    })?;
+    timed("cargo clippy", || {
+        run(
+            "clippy",
+            "cargo",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )
+    })?;
+    let mut args = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    timed("cargo test", || run("test", "cargo", &args))?;
+    println!("all checks passed in {}", fmt_duration(total.elapsed()));
+    Ok(())
+}
