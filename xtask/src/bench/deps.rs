@@ -1,4 +1,4 @@
-//! `cargo xtask bench <area>`.
+//! `cargo xtask bench deps`: warm and cold times of the upstream binary cache.
 
 use std::time::Instant;
 
@@ -7,20 +7,10 @@ use tether_upstream::{Builder, Cache, Pins};
 use crate::error::Error;
 use crate::steps::fmt_duration;
 
-/// Runs the benchmark `area`.
-pub fn run(area: &str, cold: bool) -> Result<(), Error> {
-    match area {
-        "deps" => deps(cold),
-        other => Err(Error::Usage(format!(
-            "unknown bench area {other:?}; available: deps"
-        ))),
-    }
-}
-
 /// Warm: every pinned binary found and its sha256 verified. Cold (`--cold`): every binary
 /// built from scratch into a temporary binary cache with an empty Go build cache (the Go
 /// module download cache is kept: network speed is not ours to measure).
-fn deps(cold: bool) -> Result<(), Error> {
+pub fn run(cold: bool) -> Result<(), Error> {
     let pins = Pins::default();
     println!("| case | component | version | time |");
     println!("|---|---|---|---|");

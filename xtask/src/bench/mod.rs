@@ -1,0 +1,21 @@
+//! `cargo xtask bench <area>`: one module per area, each printing its figures (and ratios
+//! against the reference tool run side by side, where one exists) as Markdown table rows
+//! ready for docs/benchmarks.md.
+
+mod deps;
+
+use crate::error::Error;
+
+/// The benchmark areas, for `--help` and error messages.
+pub const AREAS: &[&str] = &["deps"];
+
+/// Runs the benchmark `area`.
+pub fn run(area: &str, cold: bool) -> Result<(), Error> {
+    match area {
+        "deps" => deps::run(cold),
+        other => Err(Error::Usage(format!(
+            "unknown bench area {other:?}; available: {}",
+            AREAS.join(", ")
+        ))),
+    }
+}
