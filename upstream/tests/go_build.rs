@@ -12,16 +12,27 @@ fn builds_verifies_and_rebuilds_etcdctl() {
     let builder = Builder::new(Cache::at(tmp.path()));
     let version = Pins::default().etcd;
 
-    let missing = builder.cache().lookup(Component::Etcdctl, version).unwrap_err();
+    let missing = builder
+        .cache()
+        .lookup(Component::Etcdctl, version)
+        .unwrap_err();
     assert!(matches!(missing, Error::Missing { .. }));
-    assert!(missing.to_string().contains("cargo xtask deps"), "{missing}");
+    assert!(
+        missing.to_string().contains("cargo xtask deps"),
+        "{missing}"
+    );
 
-    let first = builder.ensure(Component::Etcdctl, version).expect("go build etcdctl");
+    let first = builder
+        .ensure(Component::Etcdctl, version)
+        .expect("go build etcdctl");
     assert!(first.built);
     let out = Command::new(&first.path).arg("version").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("etcdctl version: {}", version.trim_start_matches('v'))),
+        text.contains(&format!(
+            "etcdctl version: {}",
+            version.trim_start_matches('v')
+        )),
         "{text}"
     );
     // The wrapper module records upstream's requirements with replaces turned into versions.
@@ -32,7 +43,9 @@ fn builds_verifies_and_rebuilds_etcdctl() {
             .join("go.mod"),
     )
     .unwrap();
-    assert!(go_mod.contains(&format!("go.etcd.io/etcd/api/v3 => go.etcd.io/etcd/api/v3 {version}")));
+    assert!(go_mod.contains(&format!(
+        "go.etcd.io/etcd/api/v3 => go.etcd.io/etcd/api/v3 {version}"
+    )));
 
     let warm = builder.ensure(Component::Etcdctl, version).unwrap();
     assert!(!warm.built, "a verified cached binary is reused");
@@ -53,6 +66,16 @@ fn unknown_version_is_a_clear_error_and_leaves_nothing() {
         .ensure(Component::Etcdctl, "v3.6.999")
         .expect_err("a version that does not exist");
     assert!(matches!(err, Error::Go { .. }), "{err}");
-    assert!(builder.cache().lookup(Component::Etcdctl, "v3.6.999").is_err());
-    assert!(!builder.cache().bin_dir(Component::Etcdctl, "v3.6.999").exists());
+    assert!(
+        builder
+            .cache()
+            .lookup(Component::Etcdctl, "v3.6.999")
+            .is_err()
+    );
+    assert!(
+        !builder
+            .cache()
+            .bin_dir(Component::Etcdctl, "v3.6.999")
+            .exists()
+    );
 }
