@@ -5,7 +5,9 @@
 //! `kube` feature adds the `CustomResource` derives (and with them the CRD manifests) for
 //! the programs that talk to a Kubernetes API.
 
+pub mod datastore;
 pub mod machine;
+pub mod tenant_control_plane;
 
 pub use machine::{
     Artifact, BootImageSpec, BootImageStatus, MachinePhase, MachineSpec, MachineStatus,
@@ -13,6 +15,16 @@ pub use machine::{
 
 #[cfg(feature = "kube")]
 pub use machine::{BootImage, Machine};
+
+pub use datastore::{DataStoreSpec, DataStoreStatus, Driver};
+pub use tenant_control_plane::{
+    Condition, TenantControlPlanePhase, TenantControlPlaneSpec, TenantControlPlaneStatus,
+};
+
+#[cfg(feature = "kube")]
+pub use datastore::DataStore;
+#[cfg(feature = "kube")]
+pub use tenant_control_plane::TenantControlPlane;
 
 /// The API group every Tether resource belongs to.
 pub const GROUP: &str = "tether.dev";
