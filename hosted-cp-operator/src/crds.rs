@@ -2,13 +2,18 @@
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
-use tether_api::{BootImage, Machine};
+use tether_api::{BootImage, DataStore, Machine, TenantControlPlane};
 
 use crate::error::Error;
 
 /// Every CRD the operator owns, in apply order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![Machine::crd(), BootImage::crd()]
+    vec![
+        Machine::crd(),
+        BootImage::crd(),
+        DataStore::crd(),
+        TenantControlPlane::crd(),
+    ]
 }
 
 /// Prints all CRDs as a multi-document YAML stream.

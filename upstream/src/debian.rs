@@ -169,6 +169,14 @@ pub const PACKAGES: &[&str] = &[
     "gdisk",
     "cryptsetup-bin",
     "systemd-boot-efi",
+    // tether-pxe: the boot tests' kernel, and the reference servers of `xtask bench pxe`.
+    "linux-image-amd64",
+    "dnsmasq-base",
+    "nginx-light",
+    // tether-operator: PostgreSQL for the kine datastore test (initdb/pg_ctl/psql), openssl
+    // to cross-check the CA pin the way kubeadm documents it.
+    "postgresql",
+    "openssl",
 ];
 
 /// Packages that must come from backports when the host already runs backports' qemu

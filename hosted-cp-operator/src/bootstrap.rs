@@ -1,0 +1,250 @@
+//! What a fresh tenant cluster needs before nodes can join — the objects `kubeadm init`
+//! would create — rendered as plain manifests ([`objects`], pure) and server-side applied
+//! into the tenant ([`apply`]).
+//!
+//! - `cluster-info` in `kube-public` (endpoint + CA; the controller-manager's
+//!   bootstrapsigner adds a JWS signature per bootstrap token) readable anonymously;
+//! - bootstrap-token RBAC: `system:bootstrappers` may create CSRs, their node-client CSRs
+//!   are auto-approved, and nodes' renewal CSRs too;
+//! - konnectivity: the server may review agent tokens; the agents' ServiceAccount;
+//! - one bootstrap token (also kept in the management cluster) for joining nodes.
+//!
+//! CoreDNS and kube-proxy are left to the node-side issue; their manifests come with the
+//! images, which this machine has no way to run (decision in docs/control-plane.md).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+use crate::error::Error;
+
+/// The field manager for everything the operator applies.
+pub const MANAGER: &str = "tether-operator";
+
+/// A bootstrap token `id.secret`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapToken {
+    /// 6 characters `[a-z0-9]`.
+    pub id: String,
+    /// 16 characters `[a-z0-9]`.
+    pub secret: String,
+}
+
+impl BootstrapToken {
+    /// A new random token.
+    pub fn generate() -> Result<BootstrapToken, Error> {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut buf = [0u8; 22];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut buf))
+            .map_err(Error::io("read", "/dev/urandom"))?;
+        // 252 = 7 * 36: rejection-free enough; bias of `% 36` over 256 is below 1.6 %, and
+        // a token is valid for a day, which kubeadm's own generator accepts too.
+        let s: String = buf
+            .iter()
+            .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+            .collect();
+        Ok(BootstrapToken {
+            id: s[..6].to_string(),
+            secret: s[6..].to_string(),
+        })
+    }
+
+    /// Parses `id.secret`.
+    pub fn parse(s: &str) -> Option<BootstrapToken> {
+        let (id, secret) = s.trim().split_once('.')?;
+        let ok = |x: &str, n| {
+            x.len() == n
+                && x.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        };
+        (ok(id, 6) && ok(secret, 16)).then(|| BootstrapToken {
+            id: id.into(),
+            secret: secret.into(),
+        })
+    }
+
+    /// `id.secret`.
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.id, self.secret)
+    }
+}
+
+/// The objects to apply into the tenant. `expiration` is RFC 3339.
+pub fn objects(
+    endpoint: &str,
+    ca_pem: &[u8],
+    token: &BootstrapToken,
+    expiration: &str,
+) -> Vec<Value> {
+    let cluster_info = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "", "cluster": {
+            "server": endpoint,
+            "certificate-authority-data": STANDARD.encode(ca_pem),
+        }}],
+        "contexts": [],
+        "users": [],
+    });
+    let cluster_info = serde_yaml::to_string(&cluster_info).expect("JSON renders as YAML");
+    let crb = |name: &str, role: &str, kind: &str, subject: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": subject}],
+        })
+    };
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+            "data": {"kubeconfig": cluster_info},
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "kubeadm:bootstrap-signer-clusterinfo", "namespace": "kube-public"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["cluster-info"], "verbs": ["get"]}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "kubeadm:bootstrap-signer-clusterinfo", "namespace": "kube-public"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubeadm:bootstrap-signer-clusterinfo"},
+            // Anonymous for kubeadm-style discovery, bootstrappers for token holders.
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous"},
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:bootstrappers"},
+            ],
+        }),
+        crb(
+            "kubeadm:kubelet-bootstrap",
+            "system:node-bootstrapper",
+            "Group",
+            "system:bootstrappers",
+        ),
+        crb(
+            "kubeadm:node-autoapprove-bootstrap",
+            "system:certificates.k8s.io:certificatesigningrequests:nodeclient",
+            "Group",
+            "system:bootstrappers",
+        ),
+        crb(
+            "kubeadm:node-autoapprove-certificate-rotation",
+            "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient",
+            "Group",
+            "system:nodes",
+        ),
+        crb(
+            "system:konnectivity-server",
+            "system:auth-delegator",
+            "User",
+            "system:konnectivity-server",
+        ),
+        json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "konnectivity-agent", "namespace": "kube-system"},
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "bootstrap.kubernetes.io/token",
+            "metadata": {"name": format!("bootstrap-token-{}", token.id), "namespace": "kube-system"},
+            "stringData": {
+                "token-id": token.id,
+                "token-secret": token.secret,
+                "expiration": expiration,
+                "usage-bootstrap-authentication": "true",
+                "usage-bootstrap-signing": "true",
+                "auth-extra-groups": "system:bootstrappers:tether",
+                "description": "made by tether-operator for joining nodes",
+            },
+        }),
+    ]
+}
+
+/// Server-side applies `objects` through `client` (the tenant's admin).
+pub async fn apply(client: &kube::Client, objects: &[Value]) -> Result<(), Error> {
+    let pp = PatchParams::apply(MANAGER).force();
+    for obj in objects {
+        let (api, name) = dynamic_api(client, obj)?;
+        api.patch(&name, &pp, &Patch::Apply(obj))
+            .await
+            .map_err(Error::kube(format!("apply {} {name}", obj["kind"])))?;
+    }
+    Ok(())
+}
+
+/// An `Api<DynamicObject>` for `obj`'s kind and namespace, and its name.
+pub fn dynamic_api(
+    client: &kube::Client,
+    obj: &Value,
+) -> Result<(Api<DynamicObject>, String), Error> {
+    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .ok_or_else(|| Error::Invalid(format!("{kind} without a name")))?
+        .to_string();
+    let api = match obj["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    Ok((api, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        let t = BootstrapToken::generate().unwrap();
+        assert_eq!(BootstrapToken::parse(&t.token()), Some(t.clone()));
+        for bad in [
+            "abc.def",
+            "ABCDEF.0123456789abcdef",
+            "abcdef0123456789abcdef",
+            "abcdef.0123456789abcde!",
+        ] {
+            assert_eq!(BootstrapToken::parse(bad), None, "{bad}");
+        }
+        assert_ne!(BootstrapToken::generate().unwrap(), t);
+    }
+
+    #[test]
+    fn objects_carry_endpoint_ca_and_token() {
+        let t = BootstrapToken::parse("abcdef.0123456789abcdef").unwrap();
+        let objs = objects("https://127.0.0.1:1234", b"CA", &t, "2030-01-01T00:00:00Z");
+        let ci = objs
+            .iter()
+            .find(|o| o["metadata"]["name"] == "cluster-info")
+            .unwrap();
+        let kc: Value = serde_yaml::from_str(ci["data"]["kubeconfig"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            kc["clusters"][0]["cluster"]["server"],
+            "https://127.0.0.1:1234"
+        );
+        assert_eq!(
+            kc["clusters"][0]["cluster"]["certificate-authority-data"],
+            STANDARD.encode("CA")
+        );
+        let secret = objs.iter().find(|o| o["kind"] == "Secret").unwrap();
+        assert_eq!(secret["metadata"]["name"], "bootstrap-token-abcdef");
+        assert_eq!(secret["stringData"]["token-secret"], "0123456789abcdef");
+        let names: Vec<&str> = objs
+            .iter()
+            .filter_map(|o| o["metadata"]["name"].as_str())
+            .collect();
+        for n in [
+            "kubeadm:kubelet-bootstrap",
+            "kubeadm:node-autoapprove-bootstrap",
+            "system:konnectivity-server",
+        ] {
+            assert!(names.contains(&n), "{n}");
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Runtimes run rendered components: [`process`] as supervised local processes,
+//! [`kubernetes`] as Deployments and Services in the management cluster. [`Runtime`] is
+//! what the controller holds: the operator is started with exactly one.
+
+pub mod kubernetes;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_api::TenantControlPlaneSpec;
+
+use crate::error::Error;
+use crate::render::{ComponentSpec, Ports};
+
+/// The runtime the operator runs tenants with.
+#[derive(Clone)]
+pub enum Runtime {
+    /// Local supervised processes (standalone, edge, laptops, tests).
+    Process(Arc<process::ProcessRuntime>),
+    /// Deployments + Services in the management cluster (production).
+    Kubernetes(kubernetes::KubernetesRuntime),
+}
+
+/// Where a tenant listens and how it is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// Component ports.
+    pub ports: Ports,
+    /// The API server's bind address.
+    pub bind_address: String,
+    /// `https://host:port` clients and nodes use.
+    pub endpoint: String,
+    /// The host part of the endpoint (for the serving certificate).
+    pub host: String,
+    /// Leader election for controller-manager and scheduler (more than one replica).
+    pub leader_elect: bool,
+    /// How long a reconcile waits for `/readyz` before requeueing.
+    pub readyz_wait: Duration,
+}
+
+impl Runtime {
+    /// Ports, addresses and endpoint of tenant `ns/name`. Pure for the kubernetes runtime;
+    /// the process runtime allocates (once) and persists ports.
+    pub fn placement(
+        &self,
+        ns: &str,
+        name: &str,
+        spec: &TenantControlPlaneSpec,
+    ) -> Result<Placement, Error> {
+        let svc = &spec.control_plane.service;
+        let bracket = |h: &str| {
+            if h.contains(':') {
+                format!("[{h}]")
+            } else {
+                h.to_string()
+            }
+        };
+        match self {
+            Runtime::Process(p) => {
+                let ports = p.ports(&format!("{ns}.{name}"))?;
+                let host = svc.address.clone().unwrap_or_else(|| "127.0.0.1".into());
+                // A DNS name cannot be bound: listen everywhere and let the name resolve.
+                let bind_address = if host.parse::<std::net::IpAddr>().is_ok() {
+                    host.clone()
+                } else {
+                    "0.0.0.0".into()
+                };
+                Ok(Placement {
+                    endpoint: format!("https://{}:{}", bracket(&host), ports.api),
+                    ports,
+                    bind_address,
+                    host,
+                    leader_elect: false,
+                    readyz_wait: Duration::from_secs(60),
+                })
+            }
+            Runtime::Kubernetes(_) => {
+                let ports = Ports::in_pod(spec);
+                let host = svc
+                    .address
+                    .clone()
+                    .unwrap_or_else(|| format!("{name}.{ns}.svc"));
+                let port = match (svc.type_, svc.node_port) {
+                    (tether_api::tenant_control_plane::ServiceType::NodePort, Some(p)) => p,
+                    _ => svc.port,
+                };
+                Ok(Placement {
+                    endpoint: format!("https://{}:{port}", bracket(&host)),
+                    ports,
+                    bind_address: "0.0.0.0".into(),
+                    host,
+                    leader_elect: spec.control_plane.replicas > 1,
+                    // Pods take their time; check briefly and requeue instead of blocking.
+                    readyz_wait: Duration::from_secs(2),
+                })
+            }
+        }
+    }
+
+    /// Makes the tenant run `components`.
+    pub async fn apply(
+        &self,
+        ns: &str,
+        name: &str,
+        spec: &TenantControlPlaneSpec,
+        components: &[ComponentSpec],
+        secrets: &process::SecretData,
+        owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    ) -> Result<(), Error> {
+        match self {
+            Runtime::Process(p) => p.apply(&format!("{ns}.{name}"), components, secrets),
+            Runtime::Kubernetes(k) => k.apply(ns, name, spec, components, owner).await,
+        }
+    }
+
+    /// Stops and removes the tenant's components.
+    pub async fn delete(&self, ns: &str, name: &str) -> Result<(), Error> {
+        match self {
+            Runtime::Process(p) => p.delete(&format!("{ns}.{name}")),
+            Runtime::Kubernetes(k) => k.delete(ns, name).await,
+        }
+    }
+
+    /// Stops everything this operator runs (operator shutdown; a no-op for Deployments,
+    /// which keep serving without the operator).
+    pub fn shutdown(&self) {
+        if let Runtime::Process(p) = self {
+            p.shutdown();
+        }
+    }
+}
+
+/// Image overrides by component name, for the kubernetes runtime.
+pub type Images = BTreeMap<String, String>;
