@@ -2,16 +2,18 @@
 //! against the reference tool run side by side, where one exists) as Markdown table rows
 //! ready for docs/benchmarks.md.
 
+mod cp;
 mod deps;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["deps"];
+pub const AREAS: &[&str] = &["cp", "deps"];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
     match area {
+        "cp" => cp::run(),
         "deps" => deps::run(cold),
         other => Err(Error::Usage(format!(
             "unknown bench area {other:?}; available: {}",
