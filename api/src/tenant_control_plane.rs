@@ -588,6 +588,34 @@ pub const OWNED_APISERVER_FLAGS: &[&str] = &[
     "egress-selector-config-file",
 ];
 
+/// kube-apiserver flags that name files, sockets or other data stores on the machine the
+/// component runs on. The operator ships no user files to components, so such a path could
+/// only point at what the operator owns — on the process runtime, another tenant's
+/// certificates or the DataStore's root credentials, readable or (audit log, debug socket)
+/// writable by every tenant's API server. `extraArgs` may not set them.
+pub const HOST_PATH_APISERVER_FLAGS: &[&str] = &[
+    "admission-control-config-file",
+    "audit-log-path",
+    "audit-policy-file",
+    "audit-webhook-config-file",
+    "authentication-config",
+    "authentication-token-webhook-config-file",
+    "authorization-config",
+    "authorization-policy-file",
+    "authorization-webhook-config-file",
+    "cert-dir",
+    "debug-socket-path",
+    "encryption-provider-config",
+    "etcd-servers-overrides",
+    "kubelet-certificate-authority",
+    "oidc-ca-file",
+    "peer-ca-file",
+    "service-account-signing-endpoint",
+    "tls-sni-cert-key",
+    "token-auth-file",
+    "tracing-config-file",
+];
+
 /// Every check on a spec that needs no cluster access. `known_versions` are the Kubernetes
 /// versions the operator can run. Returns all problems at once so a user fixes them in one
 /// round.
@@ -743,6 +771,13 @@ pub fn validate(spec: &TenantControlPlaneSpec, known_versions: &[&str]) -> Vec<I
             bad(
                 "spec.apiServer.extraArgs",
                 format!("--{name} is set by the operator and cannot be overridden"),
+            );
+        } else if HOST_PATH_APISERVER_FLAGS.contains(&name) {
+            bad(
+                "spec.apiServer.extraArgs",
+                format!(
+                    "--{name} names a path on the operator's machine, which a tenant may not choose"
+                ),
             );
         }
     }
@@ -931,6 +966,21 @@ mod tests {
                 |s| s.api_server.extra_args = vec!["--etcd-servers=http://evil".into()],
                 "spec.apiServer.extraArgs",
                 "set by the operator",
+            ),
+            (
+                "host path flag",
+                |s| {
+                    s.api_server.extra_args =
+                        vec!["--audit-log-path=../default.beta/pki/ca.crt".into()]
+                },
+                "spec.apiServer.extraArgs",
+                "names a path",
+            ),
+            (
+                "host path flag without value",
+                |s| s.api_server.extra_args = vec!["--token-auth-file".into()],
+                "spec.apiServer.extraArgs",
+                "names a path",
             ),
             (
                 "not a flag",

@@ -36,17 +36,23 @@ impl BootstrapToken {
     /// A new random token.
     pub fn generate() -> Result<BootstrapToken, Error> {
         const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        let mut buf = [0u8; 22];
         use std::io::Read;
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut buf))
-            .map_err(Error::io("read", "/dev/urandom"))?;
-        // 252 = 7 * 36: rejection-free enough; bias of `% 36` over 256 is below 1.6 %, and
-        // a token is valid for a day, which kubeadm's own generator accepts too.
-        let s: String = buf
-            .iter()
-            .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
-            .collect();
+        let mut urandom =
+            std::fs::File::open("/dev/urandom").map_err(Error::io("read", "/dev/urandom"))?;
+        // Bytes of 252 (= 7 * 36) and above are rejected, so `% 36` is unbiased.
+        let mut s = String::with_capacity(22);
+        while s.len() < 22 {
+            let mut buf = [0u8; 32];
+            urandom
+                .read_exact(&mut buf)
+                .map_err(Error::io("read", "/dev/urandom"))?;
+            s.extend(
+                buf.iter()
+                    .filter(|b| **b < 252)
+                    .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+                    .take(22 - s.len()),
+            );
+        }
         Ok(BootstrapToken {
             id: s[..6].to_string(),
             secret: s[6..].to_string(),

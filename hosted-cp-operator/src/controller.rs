@@ -53,10 +53,24 @@ pub const DEFAULT_DATASTORE: &str = "default";
 /// Step durations, for `cargo xtask bench cp` and logs.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Step name → durations of each run.
+    /// Step name → durations of the latest runs (at most [`Metrics::KEEP`]).
     pub steps: BTreeMap<&'static str, Vec<Duration>>,
-    /// Full reconcile durations.
+    /// Latest full reconcile durations (at most [`Metrics::KEEP`]).
     pub reconciles: Vec<Duration>,
+}
+
+impl Metrics {
+    /// Samples kept per series: every Ready tenant reconciles every 10 s, so unbounded
+    /// series would grow without end (and `metrics.json`, rewritten every 2 s, with them).
+    pub const KEEP: usize = 4096;
+
+    /// Appends `d`, dropping the oldest quarter once [`Metrics::KEEP`] is reached.
+    pub fn push(series: &mut Vec<Duration>, d: Duration) {
+        if series.len() >= Self::KEEP {
+            series.drain(..Self::KEEP / 4);
+        }
+        series.push(d);
+    }
 }
 
 /// Shared state of the controller.
@@ -81,13 +95,8 @@ impl Context {
     fn time(&self, step: &'static str, started: Instant) {
         let d = started.elapsed();
         tracing::debug!(step, ms = d.as_millis() as u64, "reconcile step");
-        self.metrics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .steps
-            .entry(step)
-            .or_default()
-            .push(d);
+        let mut m = self.metrics.lock().unwrap_or_else(|e| e.into_inner());
+        Metrics::push(m.steps.entry(step).or_default(), d);
     }
 }
 
@@ -122,11 +131,14 @@ async fn reconcile(tcp: Arc<TenantControlPlane>, ctx: Arc<Context>) -> Result<Ac
     })
     .await
     .map_err(|e| Error::Invalid(format!("finalizer: {e}")));
-    ctx.metrics
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .reconciles
-        .push(started.elapsed());
+    Metrics::push(
+        &mut ctx
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reconciles,
+        started.elapsed(),
+    );
     result
 }
 
@@ -386,6 +398,26 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         )
         .await;
     };
+    // Its credentials too, before anything is created: an unusable DataStore is refused
+    // like a missing one, with no partial objects.
+    let admin = match datastore_admin(ctx, &ds).await {
+        Ok(a) => a,
+        Err(e) => {
+            return refuse(
+                ctx,
+                &api,
+                tcp,
+                condition(
+                    "DataStoreReady",
+                    false,
+                    "DataStoreUnusable",
+                    e.to_string(),
+                    generation,
+                ),
+            )
+            .await;
+        }
+    };
     ctx.time("datastore-lookup", t);
 
     // 3. Version gate: refuse skips and downgrades, keep running what runs.
@@ -485,24 +517,6 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
 
     // 7. Datastore carve-out.
     let t = Instant::now();
-    let admin = match datastore_admin(ctx, &ds).await {
-        Ok(a) => a,
-        Err(e) => {
-            return refuse(
-                ctx,
-                &api,
-                tcp,
-                condition(
-                    "DataStoreReady",
-                    false,
-                    "DataStoreUnusable",
-                    e.to_string(),
-                    generation,
-                ),
-            )
-            .await;
-        }
-    };
     let mut ds_files = get_secret(&secrets_api, &names.datastore).await?;
     let provisioned = status
         .conditions
@@ -537,9 +551,13 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         }
         Admin::Postgres(pg) => {
             let db = datastore::pg_name(&ns, &name);
+            // A stored password is reused only if it is what the operator generates
+            // (lowercase alphanumerics): it goes into SQL and into the DSN's URL.
             let password = match ds_files.get("password") {
-                Some(p) => String::from_utf8_lossy(p).into_owned(),
-                None => BootstrapToken::generate()?.secret + &BootstrapToken::generate()?.secret,
+                Some(p) if datastore::is_generated_password(p) => {
+                    String::from_utf8_lossy(p).into_owned()
+                }
+                _ => BootstrapToken::generate()?.secret + &BootstrapToken::generate()?.secret,
             };
             let dsn = match ds_files.get("dsn") {
                 Some(d) if provisioned => String::from_utf8_lossy(d).into_owned(),
@@ -595,7 +613,8 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         status.phase = TenantControlPlanePhase::Upgrading;
         patch_status(&api, &name, &status).await?;
     }
-    ctx.runtime
+    let applied = ctx
+        .runtime
         .apply(
             &ns,
             &name,
@@ -604,7 +623,23 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
             &data,
             tcp.controller_owner_ref(&()),
         )
-        .await?;
+        .await;
+    if let Err(Error::Conflict(msg)) = applied {
+        return refuse(
+            ctx,
+            &api,
+            tcp,
+            condition(
+                "ControlPlaneAvailable",
+                false,
+                "NameConflict",
+                msg,
+                generation,
+            ),
+        )
+        .await;
+    }
+    applied?;
     ctx.time("components", t);
 
     // 10. Wait for /readyz.
@@ -710,7 +745,9 @@ async fn cleanup(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Erro
         let _ = patch_status(&api, &name, &status).await;
     }
     let t = Instant::now();
-    ctx.runtime.delete(&ns, &name).await?;
+    ctx.runtime
+        .delete(&ns, &name, tcp.metadata.uid.as_deref())
+        .await?;
     ctx.time("cleanup-components", t);
 
     let t = Instant::now();
@@ -842,7 +879,9 @@ pub async fn client_from_kubeconfig(yaml: &str) -> Result<kube::Client, Error> {
     kube::Client::try_from(config).map_err(Error::kube("build client"))
 }
 
-/// Polls `/readyz` until it answers `ok`.
+/// Polls `/readyz` until it answers `ok`. Each request is bounded by what is left of
+/// `timeout` (the client has no read timeout, and a stopped-but-listening API server would
+/// otherwise hold the reconcile forever).
 pub async fn wait_readyz(client: &kube::Client, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
@@ -850,10 +889,12 @@ pub async fn wait_readyz(client: &kube::Client, timeout: Duration) -> Result<(),
         let req = http::Request::get("/readyz")
             .body(Vec::new())
             .expect("static request");
-        match client.request_text(req).await {
-            Ok(body) if body.trim() == "ok" => return Ok(()),
-            Ok(body) => last = body,
-            Err(e) => last = e.to_string(),
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.request_text(req)).await {
+            Ok(Ok(body)) if body.trim() == "ok" => return Ok(()),
+            Ok(Ok(body)) => last = body,
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "no answer".into(),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -867,6 +908,65 @@ pub async fn wait_readyz(client: &kube::Client, timeout: Duration) -> Result<(),
 mod tests {
     use super::*;
     use tether_api::tenant_control_plane::CaRotationStatus;
+
+    #[tokio::test]
+    async fn readyz_wait_is_bounded_by_a_silent_server() {
+        // A server that completes the TLS handshake and then never answers (what a wedged
+        // API server looks like): `openssl s_server` prints the request and says nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pki::new_ca("silent", OffsetDateTime::now_utc()).unwrap();
+        std::fs::write(dir.path().join("c.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("k.pem"), key).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-cert", "c.pem", "-key", "k.pem"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let kc = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user: {{token: x}}\n"
+        );
+        let client = client_from_kubeconfig(&kc).await.unwrap();
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            wait_readyz(&client, Duration::from_secs(2)),
+        )
+        .await;
+        let _ = server.kill();
+        let _ = server.wait();
+        let r = r.expect("wait_readyz outlived its timeout");
+        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(6));
+    }
+
+    #[test]
+    fn metrics_stay_bounded() {
+        let mut v = Vec::new();
+        for i in 0..(Metrics::KEEP * 3) {
+            Metrics::push(&mut v, Duration::from_millis(i as u64));
+        }
+        assert!(v.len() <= Metrics::KEEP);
+        assert_eq!(
+            v.last(),
+            Some(&Duration::from_millis(Metrics::KEEP as u64 * 3 - 1))
+        );
+    }
 
     #[test]
     fn rotation_steps() {

@@ -23,6 +23,12 @@ pub fn etcd_prefix(ns: &str, name: &str) -> String {
     format!("/tether/{ns}/{name}")
 }
 
+/// The etcd key prefix a tenant's role is granted, its keys are deleted by and counted
+/// under: with the trailing `/`, so tenant `a`'s grant never covers tenant `ab`'s keys.
+pub fn prefix_key(prefix: &str) -> String {
+    format!("{}/", prefix.trim_end_matches('/'))
+}
+
 /// The etcd user and role name of tenant `ns/name`. Namespaces hold no dots, so the first
 /// dot after `tether.` splits it unambiguously.
 pub fn etcd_user(ns: &str, name: &str) -> String {
@@ -87,7 +93,7 @@ impl EtcdAdmin {
     pub fn provision(&self, user: &str, prefix: &str) -> Result<(), Error> {
         self.run_tolerant(&["user", "add", user, "--no-password"], "already exists")?;
         self.run_tolerant(&["role", "add", user], "already exists")?;
-        let from = format!("{prefix}/");
+        let from = prefix_key(prefix);
         self.run(&[
             "role",
             "grant-permission",
@@ -102,7 +108,7 @@ impl EtcdAdmin {
 
     /// Deletes the tenant's keys, user and role (idempotent).
     pub fn deprovision(&self, user: &str, prefix: &str) -> Result<(), Error> {
-        self.run(&["del", "--prefix", &format!("{prefix}/")])?;
+        self.run(&["del", "--prefix", &prefix_key(prefix)])?;
         self.run_tolerant(&["user", "delete", user], "not found")?;
         self.run_tolerant(&["role", "delete", user], "not found")?;
         Ok(())
@@ -127,7 +133,7 @@ impl EtcdAdmin {
 
     /// Number of keys under `prefix/`.
     pub fn count(&self, prefix: &str) -> Result<usize, Error> {
-        let out = self.run(&["get", "--prefix", "--keys-only", &format!("{prefix}/")])?;
+        let out = self.run(&["get", "--prefix", "--keys-only", &prefix_key(prefix)])?;
         Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
     }
 }
@@ -161,6 +167,37 @@ pub fn tenant_client_cert(
     )
 }
 
+/// Whether a stored tenant password has the shape the operator generates (at least 16
+/// lowercase alphanumerics), so it is safe in SQL and in a DSN without escaping.
+pub fn is_generated_password(p: &[u8]) -> bool {
+    p.len() >= 16
+        && p.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+}
+
+/// A standard SQL string literal (quotes doubled): a password read back from a Secret
+/// anyone with write access to the tenant's namespace could edit must stay a literal.
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// `sql` with the literal after every `PASSWORD` replaced by `'***'`, for error messages.
+pub fn redact_sql(sql: &str) -> String {
+    let mut out = String::new();
+    let mut rest = sql;
+    while let Some(i) = rest.to_ascii_uppercase().find("PASSWORD '") {
+        let start = i + "PASSWORD '".len();
+        out.push_str(&rest[..start]);
+        out.push_str("***'");
+        rest = match rest[start..].find('\'') {
+            Some(end) => &rest[start + end + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A PostgreSQL server the operator administers.
 pub struct PgAdmin {
     /// `host:port`.
@@ -172,27 +209,44 @@ pub struct PgAdmin {
 }
 
 impl PgAdmin {
+    /// Runs one statement. The SQL goes in on stdin, never in the arguments (which every
+    /// local user can read in `/proc/<pid>/cmdline`), and errors quote it with passwords
+    /// redacted (errors end up in logs).
     fn psql(&self, db: &str, sql: &str) -> Result<String, Error> {
+        use std::io::Write;
         let (host, port) = self
             .endpoint
             .rsplit_once(':')
             .unwrap_or((&self.endpoint, "5432"));
-        let out = Command::new("psql")
+        let failed = |detail: String| Error::Command {
+            command: format!("psql {}", redact_sql(sql)),
+            detail,
+        };
+        let mut child = Command::new("psql")
             .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"])
-            .args([
-                "-h", host, "-p", port, "-U", &self.user, "-d", db, "-c", sql,
-            ])
+            .args(["-h", host, "-p", port, "-U", &self.user, "-d", db])
             .env("PGPASSWORD", &self.password)
             .env("PGCONNECT_TIMEOUT", "5")
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .map_err(Error::io("run psql", "psql"))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let fed = stdin.write_all(format!("{sql};\n").as_bytes());
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .map_err(Error::io("run psql", "psql"))?;
+        if let Err(e) = fed {
+            return Err(failed(format!("feed the statement: {e}")));
+        }
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
-            Err(Error::Command {
-                command: format!("psql {sql}"),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
+            Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
         }
     }
 
@@ -205,12 +259,15 @@ impl PgAdmin {
         if exists.is_empty() {
             self.psql(
                 "postgres",
-                &format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"),
+                &format!(
+                    "CREATE ROLE {name} LOGIN PASSWORD {}",
+                    sql_literal(password)
+                ),
             )?;
         } else {
             self.psql(
                 "postgres",
-                &format!("ALTER ROLE {name} PASSWORD '{password}'"),
+                &format!("ALTER ROLE {name} PASSWORD {}", sql_literal(password)),
             )?;
         }
         let db = self.psql(
@@ -256,8 +313,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_generated_passwords_are_reused() {
+        assert!(is_generated_password(b"abcdefghij0123456789abcdefghij01"));
+        assert!(!is_generated_password(b"short"));
+        assert!(!is_generated_password(b"abcdefghij0123456789'; drop x --"));
+        assert!(!is_generated_password(b"abcdefghij0123456789@host/db?x=y"));
+    }
+
+    #[test]
+    fn literals_stay_literals() {
+        assert_eq!(sql_literal("abc"), "'abc'");
+        assert_eq!(
+            sql_literal("x'; DROP DATABASE y; --"),
+            "'x''; DROP DATABASE y; --'"
+        );
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        let table = [
+            (
+                "CREATE ROLE r LOGIN PASSWORD 's3cret'",
+                "CREATE ROLE r LOGIN PASSWORD '***'",
+            ),
+            (
+                "alter role r password 'a' ; x password 'b'",
+                "alter role r password '***' ; x password '***'",
+            ),
+            ("DROP ROLE IF EXISTS r", "DROP ROLE IF EXISTS r"),
+            ("PASSWORD 'unterminated", "PASSWORD '***'"),
+        ];
+        for (sql, want) in table {
+            assert_eq!(redact_sql(sql), want, "{sql}");
+        }
+    }
+
+    #[test]
     fn names() {
         assert_eq!(etcd_prefix("ns", "a"), "/tether/ns/a");
+        // Tenant `a`'s range must not contain tenant `ab`'s keys (etcd prefix semantics).
+        let a = prefix_key(&etcd_prefix("ns", "a"));
+        let ab = prefix_key(&etcd_prefix("ns", "ab"));
+        assert_eq!(a, "/tether/ns/a/");
+        assert!(!ab.starts_with(&a) && !a.starts_with(&ab));
+        assert!(!"/tether/ns/ab/registry/x".starts_with(&a));
         assert_eq!(etcd_user("ns", "a.b"), "tether.ns.a.b");
         let a = pg_name("a-b", "c");
         let b = pg_name("a", "b-c");

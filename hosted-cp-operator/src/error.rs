@@ -71,6 +71,10 @@ pub enum Error {
     /// Waiting for something took too long.
     #[error("timed out waiting for {0}")]
     Timeout(String),
+    /// An object the operator would write already exists and belongs to someone else;
+    /// it was left alone.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl Error {

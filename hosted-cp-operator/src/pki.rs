@@ -429,20 +429,25 @@ fn fresh(f: &CertFacts, now: OffsetDateTime) -> bool {
 
 fn ca_usable(cert: &[u8], key: &[u8], now: OffsetDateTime) -> bool {
     let Some(f) = facts(cert) else { return false };
+    f.is_ca && fresh(&f, now) && key_matches(cert, key)
+}
+
+/// Whether the PEM private key `key` belongs to the PEM certificate `cert` (a pair written
+/// as two files may be torn by a crash between the writes).
+pub fn key_matches(cert: &[u8], key: &[u8]) -> bool {
     let Ok(key) = std::str::from_utf8(key) else {
         return false;
     };
     let Ok(key) = KeyPair::from_pem(key) else {
         return false;
     };
-    // The key must belong to the certificate.
     let Ok((_, pem)) = parse_x509_pem(cert) else {
         return false;
     };
     let Ok(parsed) = pem.parse_x509() else {
         return false;
     };
-    f.is_ca && fresh(&f, now) && parsed.public_key().raw == key.subject_public_key_info().as_slice()
+    parsed.public_key().raw == key.subject_public_key_info().as_slice()
 }
 
 fn leaf_usable(

@@ -76,34 +76,48 @@ fn free_port(taken: &mut Vec<u16>) -> Result<u16, Error> {
     }
 }
 
-/// A CA (cert, key) and a leaf issued by it, created on first use.
+/// A CA (cert, key) and a leaf issued by it, created on first use. A pair counts only when
+/// both files exist and the key belongs to the certificate, so a kill between the two
+/// writes leaves nothing half-made that is taken for whole; a leaf that is missing, not issued by the CA or
+/// past two thirds of its life is (re-)issued, so a restart also renews it.
 fn ca_and_leaf(dir: &Path, ca: &str, leaf: &str, spec: &LeafSpec<'_>) -> Result<(), Error> {
     let now = OffsetDateTime::now_utc();
-    let mut made = None;
-    let ca_crt = ensure_file(&dir.join(format!("{ca}.crt")), || {
-        let (c, k) = pki::new_ca(ca, now)?;
-        made = Some(k);
-        Ok(c.into_bytes())
-    })?;
-    let ca_key = ensure_file(&dir.join(format!("{ca}.key")), || {
-        made.take().map(String::into_bytes).ok_or_else(|| {
-            Error::Invalid(format!(
-                "{ca}.key is missing but {ca}.crt exists; remove both to recreate"
-            ))
-        })
-    })?;
-    let crt_path = dir.join(format!("{leaf}.crt"));
-    if !crt_path.exists() {
+    let (ca_crt_path, ca_key_path) = (dir.join(format!("{ca}.crt")), dir.join(format!("{ca}.key")));
+    let (ca_crt, ca_key) = match (std::fs::read(&ca_crt_path), std::fs::read(&ca_key_path)) {
+        (Ok(c), Ok(k)) if pki::key_matches(&c, &k) => (c, k),
+        _ => {
+            let (c, k) = pki::new_ca(ca, now)?;
+            write_atomic(&ca_key_path, k.as_bytes())?;
+            write_atomic(&ca_crt_path, c.as_bytes())?;
+            (c.into_bytes(), k.into_bytes())
+        }
+    };
+    let (crt_path, key_path) = (
+        dir.join(format!("{leaf}.crt")),
+        dir.join(format!("{leaf}.key")),
+    );
+    let usable = match (std::fs::read(&crt_path), std::fs::read(&key_path)) {
+        (Ok(c), Ok(k)) => {
+            pki::cert_fresh_and_issued_by(&c, &ca_crt, now) && pki::key_matches(&c, &k)
+        }
+        _ => false,
+    };
+    if !usable {
         let (c, k) = pki::issue_with(
-            std::str::from_utf8(&ca_crt).unwrap_or_default(),
-            std::str::from_utf8(&ca_key).unwrap_or_default(),
+            str_of(&ca_crt_path, &ca_crt)?,
+            str_of(&ca_key_path, &ca_key)?,
             spec,
             now,
         )?;
-        write_atomic(&dir.join(format!("{leaf}.key")), k.as_bytes())?;
+        write_atomic(&key_path, k.as_bytes())?;
         write_atomic(&crt_path, c.as_bytes())?;
     }
     Ok(())
+}
+
+fn str_of<'a>(path: &Path, b: &'a [u8]) -> Result<&'a str, Error> {
+    std::str::from_utf8(b)
+        .map_err(|_| Error::Invalid(format!("{} is not PEM text", path.display())))
 }
 
 fn read(dir: &Path, f: &str) -> Result<Vec<u8>, Error> {
@@ -528,4 +542,57 @@ fn metrics_dump(ctx: Arc<Context>, path: PathBuf) {
             let _ = write_atomic(&path, json.to_string().as_bytes());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf() -> LeafSpec<'static> {
+        LeafSpec {
+            cn: "root",
+            orgs: &[],
+            dns: &[],
+            ips: &[],
+            server: false,
+            client: true,
+        }
+    }
+
+    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        ["ca.crt", "ca.key", "l.crt", "l.key"]
+            .iter()
+            .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn ca_and_leaf_are_made_once_and_survive_torn_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
+        let first = files(d);
+        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
+        assert_eq!(files(d), first, "a second run must change nothing");
+
+        // Killed between the CA's two writes: certificate without key.
+        std::fs::remove_file(d.join("ca.key")).unwrap();
+        ca_and_leaf(d, "ca", "l", &leaf()).expect("a torn CA is remade, not an error");
+        let now = files(d);
+        assert!(pki::key_matches(&now["ca.crt"], &now["ca.key"]));
+        assert!(pki::cert_fresh_and_issued_by(
+            &now["l.crt"],
+            &now["ca.crt"],
+            OffsetDateTime::now_utc()
+        ));
+        assert!(pki::key_matches(&now["l.crt"], &now["l.key"]));
+
+        // Killed between the leaf's two writes: a new key next to the old certificate.
+        let (_, other_key) = pki::new_ca("x", OffsetDateTime::now_utc()).unwrap();
+        std::fs::write(d.join("l.key"), other_key).unwrap();
+        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
+        let after = files(d);
+        assert!(pki::key_matches(&after["l.crt"], &after["l.key"]));
+        assert_eq!(after["ca.crt"], now["ca.crt"], "a torn leaf keeps its CA");
+    }
 }

@@ -290,6 +290,67 @@ async fn controller_on_kubernetes_runtime_applies_and_removes_deployments() {
         .kubectl(&["get", "secrets", "-l", "tether.dev/tenant=kt", "-o", "name"])
         .unwrap();
     assert!(secrets.trim().is_empty(), "{secrets}");
+
+    // --- A tenant named like an object it does not own neither takes it over nor, when
+    // deleted, removes it: `kubernetes` in `default` is the management API's own Service.
+    let before = op
+        .kubectl(&[
+            "get",
+            "service",
+            "kubernetes",
+            "-o",
+            "jsonpath={.metadata.uid} {.spec.ports[0].port} {.metadata.ownerReferences}",
+        ])
+        .unwrap();
+    op.create("apiVersion: tether.dev/v1alpha1\nkind: TenantControlPlane\nmetadata: {name: kubernetes, namespace: default}\nspec:\n  kubernetes: {version: v1.36.3}\n").await;
+    op.wait_for(
+        "default",
+        "kubernetes",
+        Duration::from_secs(60),
+        "NameConflict",
+        |t| {
+            t.status.as_ref().is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.reason == "NameConflict" && c.message.contains("Service default/kubernetes")
+                })
+            })
+        },
+    )
+    .await;
+    assert!(op.kubectl(&["get", "deployment", "kubernetes"]).is_err());
+    let service = |op: &common::Standalone| {
+        op.kubectl(&[
+            "get",
+            "service",
+            "kubernetes",
+            "-o",
+            "jsonpath={.metadata.uid} {.spec.ports[0].port} {.metadata.ownerReferences}",
+        ])
+        .unwrap()
+    };
+    assert_eq!(
+        service(&op),
+        before,
+        "the management API's Service was changed"
+    );
+    kube::api::Api::<tether_api::TenantControlPlane>::namespaced(op.client.clone(), "default")
+        .delete("kubernetes", &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while op.kubectl(&["get", "tcp", "kubernetes"]).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "not deleted:\n{}",
+            common::tail(&op.dir.join("operator.log"))
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        service(&op),
+        before,
+        "deleting the tenant removed a Service it does not own"
+    );
 }
 
 /// `tether-operator run` against an existing cluster (a TestCluster's kube-apiserver):

@@ -320,7 +320,27 @@ async fn standalone_tenants_end_to_end() {
         nods.status.unwrap().phase,
         tether_api::TenantControlPlanePhase::NotReady
     );
-    for name in ["bad", "nods"] {
+    // A DataStore whose credentials cannot be read is refused before anything is made.
+    let broken = op.dir.join("broken-ds.yaml");
+    std::fs::write(&broken, "apiVersion: tether.dev/v1alpha1\nkind: DataStore\nmetadata: {name: broken}\nspec:\n  driver: etcd\n  endpoints: [\"127.0.0.1:1\"]\n  tlsConfig:\n    certificateAuthority:\n      certificate: {name: nope, key: ca.crt}\n      privateKey: {name: nope, key: ca.key}\n    clientCertificate:\n      certificate: {name: nope, key: tls.crt}\n      privateKey: {name: nope, key: tls.key}\n").unwrap();
+    op.kubectl(&["apply", "-f", broken.to_str().unwrap()])
+        .unwrap();
+    op.create("apiVersion: tether.dev/v1alpha1\nkind: TenantControlPlane\nmetadata: {name: nouse, namespace: default}\nspec:\n  kubernetes: {version: v1.36.3}\n  dataStore: broken\n").await;
+    op.wait_for(
+        "default",
+        "nouse",
+        Duration::from_secs(30),
+        "refused",
+        |t| {
+            t.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.reason == "DataStoreUnusable" && c.message.contains("nope"))
+            })
+        },
+    )
+    .await;
+    for name in ["bad", "nods", "nouse"] {
         let secrets = op
             .kubectl(&[
                 "get",

@@ -32,6 +32,19 @@ impl KubernetesRuntime {
         owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
     ) -> Result<(), crate::error::Error> {
         let (mut deployment, mut service) = manifests(name, ns, spec, components, &self.images);
+        // Force-applying by name would take over whatever has that name: refuse anything
+        // the tenant does not own (a tenant named `kubernetes` in `default` must never
+        // replace the management cluster's own Service).
+        if let Some(o) = &owner {
+            for obj in [&deployment, &service] {
+                if let Some(what) = self.foreign(obj, &o.uid).await? {
+                    return Err(crate::error::Error::Conflict(format!(
+                        "{what} already exists and does not belong to this TenantControlPlane; \
+                         rename the tenant or remove that object"
+                    )));
+                }
+            }
+        }
         if let Some(o) = owner {
             let o = serde_json::to_value(o).map_err(|source| crate::error::Error::Json {
                 what: "owner reference".into(),
@@ -53,10 +66,39 @@ impl KubernetesRuntime {
         Ok(())
     }
 
-    /// Deletes the tenant's Deployment and Service (absent is fine).
-    pub async fn delete(&self, ns: &str, name: &str) -> Result<(), crate::error::Error> {
+    /// `Some("<Kind> ns/name")` when `obj`'s namesake exists and is not owned by `uid`.
+    async fn foreign(&self, obj: &Value, uid: &str) -> Result<Option<String>, crate::error::Error> {
+        let (api, n) = crate::bootstrap::dynamic_api(&self.client, obj)?;
+        let what = format!(
+            "{} {}/{n}",
+            obj["kind"].as_str().unwrap_or_default(),
+            obj["metadata"]["namespace"].as_str().unwrap_or_default()
+        );
+        let existing = api
+            .get_opt(&n)
+            .await
+            .map_err(crate::error::Error::kube(format!("get {what}")))?;
+        Ok(existing
+            .filter(|e| !owned_by(&e.metadata, uid))
+            .map(|_| what))
+    }
+
+    /// Deletes the tenant's Deployment and Service (absent is fine). With `owner_uid`, an
+    /// object of that name that the tenant does not own is left alone.
+    pub async fn delete(
+        &self,
+        ns: &str,
+        name: &str,
+        owner_uid: Option<&str>,
+    ) -> Result<(), crate::error::Error> {
         for (api_version, kind) in [("apps/v1", "Deployment"), ("v1", "Service")] {
             let obj = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": ns}});
+            if let Some(uid) = owner_uid
+                && let Some(what) = self.foreign(&obj, uid).await?
+            {
+                tracing::warn!("{what} does not belong to the tenant; not deleting it");
+                continue;
+            }
             let (api, n) = crate::bootstrap::dynamic_api(&self.client, &obj)?;
             match api.delete(&n, &Default::default()).await {
                 Ok(_) => {}
@@ -66,6 +108,11 @@ impl KubernetesRuntime {
         }
         Ok(())
     }
+}
+
+/// Whether `meta` lists an owner with `uid`.
+pub fn owned_by(meta: &kube::api::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|r| r.uid == uid)
 }
 
 /// Where the files live inside the containers (their working directory).

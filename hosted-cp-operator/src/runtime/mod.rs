@@ -115,11 +115,12 @@ impl Runtime {
         }
     }
 
-    /// Stops and removes the tenant's components.
-    pub async fn delete(&self, ns: &str, name: &str) -> Result<(), Error> {
+    /// Stops and removes the tenant's components; objects of the same name that the tenant
+    /// (uid `owner_uid`) does not own are left alone.
+    pub async fn delete(&self, ns: &str, name: &str, owner_uid: Option<&str>) -> Result<(), Error> {
         match self {
             Runtime::Process(p) => p.delete(&format!("{ns}.{name}")),
-            Runtime::Kubernetes(k) => k.delete(ns, name).await,
+            Runtime::Kubernetes(k) => k.delete(ns, name, owner_uid).await,
         }
     }
 

@@ -152,6 +152,14 @@ impl ProcessRuntime {
                 hasher.update(&f.path);
                 hasher.update(lookup(secrets, &f.secret, &f.key)?);
             }
+            // Secret-backed environment (kine's DSN) is part of what runs, too: a changed
+            // value must restart the component, not leave it on the old one.
+            for (k, v) in &c.env {
+                if let EnvValue::Secret { secret, key } = v {
+                    hasher.update(k);
+                    hasher.update(lookup(secrets, secret, key)?);
+                }
+            }
         }
         let hash = hex::encode(hasher.finalize());
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
@@ -274,19 +282,52 @@ fn lookup<'a>(secrets: &'a SecretData, secret: &str, key: &str) -> Result<&'a [u
         .ok_or_else(|| Error::Invalid(format!("Secret {secret} has no key {key}")))
 }
 
-/// Writes `path` with mode 0600 through a temporary file and a rename, so a crash never
-/// leaves a half-written certificate behind.
+/// Writes `path` with mode 0600 through a temporary file, `fsync` and a rename, so a crash
+/// never leaves a half-written certificate behind. The temporary name is unique per file,
+/// process and call: concurrent reconciles writing the same directory (a DataStore's admin
+/// credentials, `root.crt` next to `root.key`) never share one.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(Error::io("write", &tmp))?;
-    std::io::Write::write_all(&mut f, contents).map_err(Error::io("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(Error::io("rename", path))
+    let tmp = tmp_path(path);
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut f, contents)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io("write", &tmp)(e));
+    }
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io("rename", path)(e)
+    })
+}
+
+/// `.<file name>.<pid>.<n>.tmp` next to `path`.
+fn tmp_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Removes `pidfile` only if it still records `record`: a supervisor stopping late must not
+/// delete the pidfile its successor (same component, same tenant) already wrote, or a
+/// crash of the operator would orphan the successor.
+fn remove_pidfile_if(pidfile: &Path, record: Option<&str>) {
+    if let Some(record) = record
+        && fs::read_to_string(pidfile).is_ok_and(|s| s == record)
+    {
+        let _ = fs::remove_file(pidfile);
+    }
 }
 
 fn stop_all(r: Running) {
@@ -358,8 +399,11 @@ fn supervise(
                 Ok(mut child) => {
                     let pid = child.id().unwrap_or(0);
                     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
-                    if let Some(st) = start_time(pid) {
-                        let _ = write_atomic(&pidfile, format!("{pid} {st}\n").as_bytes());
+                    let record = start_time(pid).map(|st| format!("{pid} {st}\n"));
+                    if let Some(r) = &record
+                        && let Err(e) = write_atomic(&pidfile, r.as_bytes())
+                    {
+                        tracing::warn!(component = name, pid, "pidfile: {e}");
                     }
                     tracing::debug!(component = name, pid, "started");
                     tokio::select! {
@@ -375,7 +419,7 @@ fn supervise(
                             if graceful.is_err() {
                                 let _ = child.wait().await;
                             }
-                            let _ = fs::remove_file(&pidfile);
+                            remove_pidfile_if(&pidfile, record.as_deref());
                             return;
                         }
                     }
@@ -407,9 +451,11 @@ fn spawn(
     dir: &Path,
     log: &Path,
 ) -> Result<tokio::process::Child, Error> {
+    // Logs may quote credentials (a DSN in an error): owner-only, like the files.
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
         .map_err(Error::io("open log", log))?;
     let err = out.try_clone().map_err(Error::io("dup log", log))?;
@@ -498,6 +544,129 @@ mod tests {
                     .contains(" Z ")
         );
         assert!(!dir.path().join("run/sleeper.pid").exists());
+    }
+
+    #[test]
+    fn write_atomic_of_same_stem_files_never_mixes_contents() {
+        // `root.crt` and `root.key` once shared the temporary `root.tmp`: two writers could
+        // rename each other's bytes into place.
+        assert_ne!(
+            tmp_path(Path::new("/d/root.crt")),
+            tmp_path(Path::new("/d/root.key"))
+        );
+        assert_ne!(tmp_path(Path::new("/d/a")), tmp_path(Path::new("/d/a")));
+        let dir = tempfile::tempdir().unwrap();
+        let writer = |name: &'static str, body: &'static [u8]| {
+            let d = dir.path().to_path_buf();
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    write_atomic(&d.join(name), body).unwrap();
+                }
+            })
+        };
+        let a = writer("root.crt", b"CERT");
+        let b = writer("root.key", b"KEY");
+        let c = writer("root.key", b"KEY");
+        for t in [a, b, c] {
+            t.join().unwrap();
+        }
+        assert_eq!(fs::read(dir.path().join("root.crt")).unwrap(), b"CERT");
+        assert_eq!(fs::read(dir.path().join("root.key")).unwrap(), b"KEY");
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 2, "temporary files left: {left:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join("root.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn late_stopping_supervisor_keeps_its_successors_pidfile() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("logs")).unwrap();
+        fs::create_dir_all(dir.path().join("run")).unwrap();
+        // Ignores SIGTERM, so the old supervisor needs its full grace period to stop.
+        let stubborn = || {
+            supervise(
+                "stubborn",
+                PathBuf::from("/bin/sh"),
+                vec!["-c".into(), "trap '' TERM; sleep 30".into()],
+                BTreeMap::new(),
+                dir.path(),
+            )
+        };
+        let old = stubborn();
+        wait_pid(&old, None).await;
+        let _ = old.stop.send(true);
+        let new = stubborn();
+        let new_pid = wait_pid(&new, None).await;
+        let pidfile = dir.path().join("run/stubborn.pid");
+        for _ in 0..100 {
+            if fs::read_to_string(&pidfile).is_ok_and(|s| s.starts_with(&format!("{new_pid} "))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        old.task.await.unwrap();
+        let record = fs::read_to_string(&pidfile).expect("successor's pidfile removed");
+        assert!(record.starts_with(&format!("{new_pid} ")), "{record}");
+        let _ = new.stop.send(true);
+        new.task.await.unwrap();
+        assert!(!pidfile.exists());
+    }
+
+    #[tokio::test]
+    async fn changed_secret_environment_restarts_the_component() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(
+            dir.path(),
+            Arc::new(|_: &ComponentSpec| Ok(PathBuf::from("/bin/sleep"))),
+        )
+        .unwrap();
+        let component = ComponentSpec {
+            program: crate::render::Program::Kine,
+            version: "v1.36.3".into(),
+            args: vec!["30".into()],
+            files: vec![],
+            env: BTreeMap::from([(
+                "DSN".to_string(),
+                EnvValue::Secret {
+                    secret: "t-datastore".into(),
+                    key: "dsn".into(),
+                },
+            )]),
+            ports: vec![],
+            probe: crate::render::Probe {
+                scheme: "http",
+                port: "etcd",
+                path: "/",
+            },
+        };
+        let secrets = |dsn: &str| -> SecretData {
+            BTreeMap::from([(
+                "t-datastore".to_string(),
+                BTreeMap::from([("dsn".to_string(), dsn.as_bytes().to_vec())]),
+            )])
+        };
+        async fn pid(rt: &ProcessRuntime) -> u32 {
+            for _ in 0..100 {
+                if let Some(p) = rt.pids("ns.t").get("kine") {
+                    return *p;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("kine never started");
+        }
+        let comps = std::slice::from_ref(&component);
+        rt.apply("ns.t", comps, &secrets("postgres://a")).unwrap();
+        let first = pid(&rt).await;
+        rt.apply("ns.t", comps, &secrets("postgres://a")).unwrap();
+        assert_eq!(pid(&rt).await, first, "unchanged input restarted kine");
+        rt.apply("ns.t", comps, &secrets("postgres://b")).unwrap();
+        assert_ne!(pid(&rt).await, first, "a new DSN left kine on the old one");
+        rt.delete("ns.t").unwrap();
     }
 
     async fn wait_pid(s: &Supervisor, not: Option<u32>) -> u32 {
