@@ -55,9 +55,29 @@ fn write_record(kind: &str, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Records a process group owned by this process.
+/// Records a process group owned by this process, named `<pgid>-<leader start time>` so
+/// the reaper can tell the group from a later process that got the same number. (The
+/// record's content stays the owner alone, which older reapers also read.)
 pub(crate) fn record_process_group(pgid: u32) -> Result<PathBuf> {
-    write_record("pgid", &pgid.to_string())
+    let name = identity(pgid)
+        .map(|id| id.replace(' ', "-"))
+        .unwrap_or_else(|| pgid.to_string());
+    write_record("pgid", &name)
+}
+
+/// The group a `pgid` record names, if it may be killed: its leader is gone (the kernel
+/// does not reuse a pid while its group lives, so the number names that group or nothing)
+/// or is still the recorded process. A leader pid now held by another process means the
+/// group died and the number was recycled: not ours to kill.
+fn group_to_kill(name: &str) -> Option<i32> {
+    let (pgid, start) = match name.split_once('-') {
+        Some((p, s)) => (p.parse::<u32>().ok()?, Some(s)),
+        None => (name.parse::<u32>().ok()?, None),
+    };
+    match (start, identity(pgid)) {
+        (_, None) | (None, Some(_)) => Some(pgid as i32),
+        (Some(s), Some(now)) => (now == format!("{pgid} {s}")).then_some(pgid as i32),
+    }
 }
 
 /// Records a network namespace owned by this process.
@@ -81,7 +101,7 @@ pub fn reap_stale() {
         }
         match kind.as_str() {
             "pgid" => {
-                if let Ok(pgid) = name.parse::<i32>() {
+                if let Some(pgid) = group_to_kill(&name) {
                     signal_group(pgid, Signal::SIGKILL);
                 }
             }
@@ -125,5 +145,20 @@ mod tests {
         assert!(!owner_alive(&format!("{} 1", std::process::id())));
         assert!(!owner_alive("4194304 5"));
         assert!(!owner_alive("garbage"));
+    }
+
+    #[test]
+    fn recycled_group_leader_is_not_killed() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let recorded = identity(pid).unwrap().replace(' ', "-");
+        assert_eq!(group_to_kill(&recorded), Some(pid as i32));
+        // Same pid, another start time: a recycled pid, someone else's process.
+        assert_eq!(group_to_kill(&format!("{pid}-1")), None);
+        assert_eq!(group_to_kill("garbage"), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Leader gone: the number names the old group or nothing.
+        assert_eq!(group_to_kill(&format!("{pid}-1")), Some(pid as i32));
     }
 }
