@@ -91,9 +91,19 @@ pub fn run(exit: bool) -> Result<(), Error> {
     println!("\nmanagement kubeconfig: {}", management.display());
     print!("{}", kc(&["get", "tcp", "-A"])?);
     println!("\ntenant kubeconfig: {}", tenant_kubeconfig.display());
-    println!("$ kubectl --kubeconfig {} get nodes", tenant_kubeconfig.display());
+    println!(
+        "$ kubectl --kubeconfig {} get nodes",
+        tenant_kubeconfig.display()
+    );
     let nodes = kubectl_run(&kubectl, &tenant_kubeconfig, &["get", "nodes"], None)?;
-    print!("{}", if nodes.trim().is_empty() { "No resources found\n".into() } else { nodes });
+    print!(
+        "{}",
+        if nodes.trim().is_empty() {
+            "No resources found\n".into()
+        } else {
+            nodes
+        }
+    );
     println!("\nnot part of the quickstart yet:");
     for m in MISSING {
         println!("  - {m}");
@@ -101,7 +111,10 @@ pub fn run(exit: bool) -> Result<(), Error> {
     if exit {
         println!("\n--exit given: stopping the operator and its tenants");
     } else {
-        println!("\nrunning; press Ctrl-C to stop (state stays in {})", data.display());
+        println!(
+            "\nrunning; press Ctrl-C to stop (state stays in {})",
+            data.display()
+        );
         wait_for_ctrl_c(&mut operator)?;
     }
     operator.stop(Duration::from_secs(30));
@@ -162,8 +175,8 @@ fn wait_tenant_ready(
             return Ok(());
         }
         if start.elapsed() > TENANT_TIMEOUT {
-            let describe = kc(&["describe", "tcp", "quickstart", "-n", "default"])
-                .unwrap_or_default();
+            let describe =
+                kc(&["describe", "tcp", "quickstart", "-n", "default"]).unwrap_or_default();
             return Err(step_err(
                 "tenant",
                 format!("phase {phase:?} after {TENANT_TIMEOUT:?}:\n{describe}"),
@@ -182,7 +195,11 @@ fn kubectl_run(
     let mut child = Command::new(kubectl)
         .arg(format!("--kubeconfig={}", kubeconfig.display()))
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -191,7 +208,9 @@ fn kubectl_run(
         pipe.write_all(input.as_bytes())
             .map_err(|e| step_err("kubectl stdin", e))?;
     }
-    let out = child.wait_with_output().map_err(|e| step_err("kubectl", e))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| step_err("kubectl", e))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -206,20 +225,27 @@ fn decode_base64(text: &str) -> Result<Vec<u8>, Error> {
     use base64::Engine;
     match base64::engine::general_purpose::STANDARD.decode(text) {
         Ok(bytes) if !bytes.is_empty() => Ok(bytes),
-        Ok(_) => Err(step_err("tenant kubeconfig", "the kubeconfig Secret is empty")),
+        Ok(_) => Err(step_err(
+            "tenant kubeconfig",
+            "the kubeconfig Secret is empty",
+        )),
         Err(e) => Err(step_err("tenant kubeconfig", format!("not base64: {e}"))),
     }
 }
 
 fn write_private(path: &PathBuf, contents: &[u8]) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .and_then(|mut f| f.write_all(contents))
+        .and_then(|mut f| {
+            // `mode` only applies to a new file: an older, wider one is narrowed first.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(contents)
+        })
         .map_err(|e| step_err("write kubeconfig", e))
 }
 
