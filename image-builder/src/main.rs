@@ -1,11 +1,12 @@
-//! `tether-image` command line.
+//! `tether-image` command line: `build`, `keygen`, `verify`.
 
-mod error;
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use tether_image::build::{BuildOptions, build, verify_image};
+use tether_image::spec::RootfsFormat;
+use tether_image::{Error, manifest};
 use tether_telemetry::LogArgs;
-
-use crate::error::Error;
 
 /// Builds the immutable node boot image from a declarative spec.
 #[derive(Parser)]
@@ -19,18 +20,90 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build an image from a TOML spec (not implemented yet).
-    Build,
+    /// Build an image from a TOML spec into OUT (replaced only when the build succeeds).
+    Build {
+        /// The image spec (see image-builder/examples/default.toml).
+        spec: PathBuf,
+        /// Output directory.
+        #[arg(short, long)]
+        out: PathBuf,
+        /// The tether-agent binary to bake in (overrides the spec).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// The signing key from `tether-image keygen` (overrides the spec).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Rebuild the Debian base tree even if cached (downloaded packages are reused).
+        #[arg(long)]
+        fresh: bool,
+        /// Rootfs format (overrides the spec): squashfs or erofs.
+        #[arg(long, value_parser = parse_format)]
+        format: Option<RootfsFormat>,
+    },
+    /// Make an ed25519 key pair (signing.key, signing.pub) in DIR.
+    Keygen {
+        /// Directory for the key files.
+        dir: PathBuf,
+    },
+    /// Check an image directory's signature and every artifact's sha256.
+    Verify {
+        /// The image directory.
+        dir: PathBuf,
+        /// The public key (signing.pub).
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+}
+
+fn parse_format(s: &str) -> Result<RootfsFormat, String> {
+    match s {
+        "squashfs" => Ok(RootfsFormat::Squashfs),
+        "erofs" => Ok(RootfsFormat::Erofs),
+        other => Err(format!("{other:?} is not squashfs or erofs")),
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
     cli.log.init();
     let result: Result<(), Error> = match cli.command {
-        Command::Build => Err(Error::NotYet("build")),
+        Command::Build {
+            spec,
+            out,
+            agent,
+            key,
+            fresh,
+            format,
+        } => build(&BuildOptions {
+            spec,
+            out: out.clone(),
+            agent,
+            key,
+            fresh,
+            format,
+        })
+        .map(|r| {
+            let total: f64 = r.steps.iter().map(|(_, s)| s).sum();
+            println!("built {} in {total:.1}s", out.display());
+        }),
+        Command::Keygen { dir } => manifest::keygen(&dir).map(|()| {
+            println!("wrote {0}/signing.key and {0}/signing.pub", dir.display());
+        }),
+        Command::Verify { dir, public_key } => std::fs::read_to_string(&public_key)
+            .map_err(Error::io("read", &public_key))
+            .and_then(|t| manifest::parse_public_key(&t, &public_key))
+            .and_then(|k| verify_image(&dir, &k))
+            .map(|m| {
+                println!(
+                    "{}: version {} verified ({} artifacts)",
+                    dir.display(),
+                    m.version,
+                    m.artifacts.len()
+                )
+            }),
     };
     if let Err(e) = result {
-        tracing::error!("{e}");
+        eprintln!("tether-image: {e}");
         std::process::exit(1);
     }
 }

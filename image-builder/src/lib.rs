@@ -1,0 +1,15 @@
+//! `tether-image`: builds the immutable node image — Debian's kernel, our small initramfs,
+//! a dm-verity protected read-only rootfs with the agent baked in, and a signed manifest.
+//! Pure parts (spec, manifest, signing, rendering, cpio, layouts) are separate modules with
+//! table tests; [`build`] is the I/O pipeline that drives mmdebstrap and friends.
+
+pub mod boot;
+pub mod build;
+pub mod cpio;
+pub mod error;
+pub mod gpt;
+pub mod kernel;
+pub mod manifest;
+pub mod spec;
+
+pub use error::{Error, Result};
