@@ -4,17 +4,19 @@
 
 mod cp;
 mod deps;
+mod image;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["cp", "deps"];
+pub const AREAS: &[&str] = &["cp", "deps", "image"];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
     match area {
         "cp" => cp::run(),
         "deps" => deps::run(cold),
+        "image" => image::run(cold),
         other => Err(Error::Usage(format!(
             "unknown bench area {other:?}; available: {}",
             AREAS.join(", ")
