@@ -14,7 +14,7 @@ use tether_upstream::{Cache, debian};
 use crate::{Error, Result};
 
 /// Bump when the build steps change so cached trees are rebuilt.
-const RECIPE: u32 = 1;
+const RECIPE: u32 = 2;
 
 /// What goes into a cached root filesystem.
 #[derive(Debug, Clone)]
@@ -62,7 +62,11 @@ pub fn ensure(spec: &RootfsSpec) -> Result<PathBuf> {
         .arg("--mode=root")
         .arg("--quiet")
         .arg(format!("--include={}", spec.packages.join(",")))
-        .arg("--dpkgopt=path-exclude=/usr/share/{doc,man,locale,info}/*")
+        // dpkg's path-exclude takes fnmatch globs (no braces): one option per tree.
+        .args(
+            ["doc", "man", "locale", "info"]
+                .map(|d| format!("--dpkgopt=path-exclude=/usr/share/{d}/*")),
+        )
         // An empty machine-id lets systemd generate one per boot (nspawn passes the UUID).
         .arg("--customize-hook=truncate -s 0 \"$1/etc/machine-id\"")
         .arg(&release)
