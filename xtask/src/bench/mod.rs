@@ -5,11 +5,12 @@
 mod cp;
 mod deps;
 mod image;
+mod pxe;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["cp", "deps", "image"];
+pub const AREAS: &[&str] = &["cp", "deps", "image", "pxe"];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
@@ -17,6 +18,7 @@ pub fn run(area: &str, cold: bool) -> Result<(), Error> {
         "cp" => cp::run(),
         "deps" => deps::run(cold),
         "image" => image::run(cold),
+        "pxe" => pxe::run(),
         other => Err(Error::Usage(format!(
             "unknown bench area {other:?}; available: {}",
             AREAS.join(", ")
