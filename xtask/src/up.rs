@@ -24,9 +24,10 @@ use crate::steps::{run as run_step, timed, workspace_root};
 
 /// What the quickstart still lacks, with the issue that delivers it.
 const MISSING: &[&str] = &[
-    "tether-pxe on a private bridge serving the boot image — issue #4",
-    "the boot image (`tether-image build`) — issue #5",
-    "two qemu workers that PXE-boot, enroll and join the tenant — agent issues (enroll, join, tunnel)",
+    "building the image and serving it with tether-pxe on a private bridge from `up` \
+     (both programs exist and boot real firmware in tests/vm; wiring them into `up` is next)",
+    "two qemu workers that PXE-boot, enroll and join the tenant — needs the agent's \
+     enroll/join/tunnel work (no open issue yet)",
 ];
 
 /// The TenantControlPlane the quickstart creates.
