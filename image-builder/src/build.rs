@@ -1,4 +1,5 @@
-//! `tether-image build`: spec → kernel, initramfs, verified rootfs, signed manifest.
+//! `tether-image build`: spec → kernel, initramfs, verified rootfs, signed manifest (and
+//! `disk.raw` on request, see [`crate::disk`]).
 //!
 //! Every step writes into a staging directory next to OUT (`.OUT.partial-PID`), which is
 //! renamed to OUT only when all artifacts are written and signed, so a failed or killed
@@ -25,7 +26,7 @@ use crate::boot::{self, PXE_ROOTFS_PATH};
 use crate::cpio::{Archive, Entry};
 use crate::manifest::{self, ArtifactDigest, Manifest, Verity};
 use crate::spec::{RootfsFormat, Spec};
-use crate::{Error, Result, kernel};
+use crate::{Error, Result, disk, kernel};
 
 /// Bump when the base tree recipe changes so cached trees are rebuilt.
 const RECIPE: u32 = 4;
@@ -36,6 +37,8 @@ pub const DEFAULT_EPOCH: u64 = 1_767_225_600;
 /// Free space the build needs in the cache and next to OUT, MiB.
 const NEED_CACHE_MIB: u64 = 2048;
 const NEED_OUT_MIB: u64 = 768;
+/// Extra space `disk.raw` needs next to OUT (sparse, but its slots are written twice).
+const NEED_DISK_MIB: u64 = 512;
 
 /// The initramfs is the one Tether writes, not the distribution's.
 const INIT_SCRIPT: &str = include_str!("initramfs/init.sh");
@@ -274,6 +277,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     ] {
         which(tool)?;
     }
+    if spec.disk {
+        for tool in ["sgdisk", "mkfs.vfat", "mmd", "mcopy", "mkfs.ext4"] {
+            which(tool)?;
+        }
+        if !Path::new(disk::SYSTEMD_BOOT_EFI).is_file() {
+            return Err(Error::MissingTool {
+                tool: disk::SYSTEMD_BOOT_EFI.into(),
+                hint: "install Debian's systemd-boot-efi (`cargo xtask deps`)".into(),
+            });
+        }
+    }
     which(match spec.rootfs_format {
         RootfsFormat::Squashfs => "mksquashfs",
         RootfsFormat::Erofs => "mkfs.erofs",
@@ -285,7 +299,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let out_parent = parent_of(&opts.out);
     fs::create_dir_all(&out_parent).map_err(Error::io("create", &out_parent))?;
     check_space(&cache_dir, NEED_CACHE_MIB)?;
-    check_space(&out_parent, NEED_OUT_MIB)?;
+    check_space(
+        &out_parent,
+        NEED_OUT_MIB + if spec.disk { NEED_DISK_MIB } else { 0 },
+    )?;
     check_out(&opts.out)?;
 
     let release = debian::host_release()?;
@@ -349,8 +366,26 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         spec.rootfs_format.fstype(),
         &verity,
     );
+    let mut files = vec!["vmlinuz", "vmlinux", "initramfs", rootfs_name.as_str()];
+    if spec.disk {
+        let t = Instant::now();
+        disk::write_disk(
+            &disk::DiskInputs {
+                dir: &staging,
+                rootfs_file: &rootfs_name,
+                version: &spec.version,
+                extra_cmdline: &spec.cmdline,
+                fstype: spec.rootfs_format.fstype(),
+                verity: &verity,
+                epoch,
+            },
+            &staging.join("disk.raw"),
+        )?;
+        files.push("disk.raw");
+        progress(&mut report, "disk.raw", t);
+    }
     let mut artifacts = BTreeMap::new();
-    for file in ["vmlinuz", "vmlinux", "initramfs", rootfs_name.as_str()] {
+    for file in files {
         let path = staging.join(file);
         artifacts.insert(file.to_string(), digest(&path)?);
     }

@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod build;
 pub mod cpio;
+pub mod disk;
 pub mod error;
 pub mod gpt;
 pub mod kernel;

@@ -81,7 +81,7 @@ pub struct Spec {
     /// Prefix for artifact URLs in `bootimage.yaml` (empty: bare file names).
     #[serde(default)]
     pub url_base: String,
-    /// Also write `disk.raw` (GPT, systemd-boot, A/B slots): rejected until it is built.
+    /// Also write `disk.raw` (GPT, systemd-boot, A/B slots, state; see `disk.rs`).
     #[serde(default)]
     pub disk: bool,
 }
@@ -184,13 +184,6 @@ impl Spec {
         if self.cmdline.len() > 1024 {
             return Err(invalid("cmdline", "longer than 1024 bytes".into()));
         }
-        if self.disk {
-            return Err(invalid(
-                "disk",
-                "disk.raw (GPT, systemd-boot, A/B slots) is not built yet; see docs/image.md"
-                    .into(),
-            ));
-        }
         if !self.url_base.is_empty() && self.url_base.chars().any(|c| c.is_whitespace()) {
             return Err(invalid("url_base", "may not contain whitespace".into()));
         }
@@ -239,10 +232,11 @@ mod tests {
     #[test]
     fn full_spec() {
         let spec = Spec::parse(
-            "version = \"1.0\"\npackages = [\"htop\", \"kmod\"]\nrootfs_format = \"erofs\"\ncmdline = \"quiet\"\nagent = \"a\"\nsigning_key = \"k\"\nurl_base = \"http://pxe/\"\n",
+            "version = \"1.0\"\npackages = [\"htop\", \"kmod\"]\nrootfs_format = \"erofs\"\ncmdline = \"quiet\"\nagent = \"a\"\nsigning_key = \"k\"\nurl_base = \"http://pxe/\"\ndisk = true\n",
         )
         .unwrap();
         assert_eq!(spec.rootfs_format, RootfsFormat::Erofs);
+        assert!(spec.disk);
         let all = spec.all_packages();
         assert_eq!(
             all.iter().filter(|p| *p == "kmod").count(),
@@ -287,7 +281,7 @@ mod tests {
             ),
             ("version = \"1\"\ncmdline = \"a\\nb\"", "must be one line"),
             ("version = \"1\"\nurl_base = \"a b\"", "whitespace"),
-            ("version = \"1\"\ndisk = true", "disk: disk.raw"),
+            ("version = \"1\"\ndisk = \"yes\"", "invalid type"),
         ];
         for (text, want) in cases {
             let err = Spec::parse(text).expect_err(text).to_string();
