@@ -467,3 +467,193 @@ fn bad_input_fails_clearly_and_leaves_out_alone() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The ESP's entries directory listing (`mdir -b`), read from a disk image with mtools.
+fn esp_entries(disk: &Path, esp_offset: u64) -> Vec<String> {
+    let out = Command::new("mdir")
+        .arg("-i")
+        .arg(format!("{}@@{esp_offset}", disk.display()))
+        .args(["-b", "::/loader/entries"])
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .expect("mdir (mtools)");
+    assert!(
+        out.status.success(),
+        "mdir: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|n| n.ends_with(".conf"))
+        .map(String::from)
+        .collect();
+    names.sort();
+    names
+}
+
+/// `disk.raw` (spec `disk = true`) boots under OVMF through Debian's systemd-boot into slot
+/// A's entry to an active agent, and systemd-boot counts the try: `tether-a+3.conf` becomes
+/// `tether-a+2-1.conf` on the ESP, and the `/etc` overlay lands on the state partition.
+/// Also: the disk is reproducible from the same inputs. "Power off" is stopping qemu once the
+/// agent is up: systemd-boot renamed the entry (and flushed the ESP) before Linux started.
+/// (ACPI `system_powerdown` is not acted on this early in boot, so it is not used.)
+#[test]
+fn disk_boots_under_ovmf_and_counts_the_try() {
+    use tether_image::boot::{BOOT_TRIES, Slot, entry_file_name};
+    use tether_image::disk::{DiskInputs, write_disk};
+    use tether_image::gpt::SECTOR;
+    // A second build of the example image (warm caches) with disk = true.
+    let image = image();
+    let out = image.dir.parent().unwrap().join("image-disk");
+    let key = image.key.with_file_name("signing.key");
+    let mut opts = options(&out, &key, &agent_binary(), false);
+    opts.spec = workspace().join("image-builder/examples/disk.toml");
+    let report = build(&opts).expect("build the example image with disk = true");
+    let m = report.manifest.unwrap();
+    assert!(m.artifacts.contains_key("disk.raw"), "disk.raw in manifest");
+    let yaml = fs::read_to_string(out.join("bootimage.yaml")).unwrap();
+    assert!(yaml.contains("disk:"), "{yaml}");
+
+    // Same inputs, same bytes.
+    let again = out.parent().unwrap().join("disk-again.raw");
+    let layout = write_disk(
+        &DiskInputs {
+            dir: &out,
+            rootfs_file: "rootfs.squashfs",
+            version: &m.version,
+            extra_cmdline: "console=tty0 console=ttyS0",
+            fstype: "squashfs",
+            verity: &m.verity,
+            epoch: m.source_date_epoch,
+        },
+        &again,
+    )
+    .unwrap();
+    let sha = |p: &Path| {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        std::io::copy(&mut fs::File::open(p).unwrap(), &mut h).unwrap();
+        hex::encode(h.finalize())
+    };
+    assert_eq!(
+        sha(&again),
+        m.artifacts["disk.raw"].sha256,
+        "disk.raw reproducible"
+    );
+    fs::remove_file(&again).unwrap();
+
+    let esp_offset = layout.partitions[0].first_lba * SECTOR;
+    let state_offset = layout.partitions[3].first_lba * SECTOR;
+    let fresh = entry_file_name(Slot::A, Some(BOOT_TRIES));
+    assert_eq!(
+        esp_entries(&out.join("disk.raw"), esp_offset),
+        [fresh.clone(), entry_file_name(Slot::B, Some(BOOT_TRIES))]
+    );
+
+    // Boot a copy (the VM writes to it) with OVMF and its own copy of the variable store.
+    let work = out.parent().unwrap().join("vm-disk");
+    fs::create_dir_all(&work).unwrap();
+    let disk = work.join("disk.raw");
+    let _ = fs::remove_file(&disk);
+    let cp = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(out.join("disk.raw"))
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    let vars = work.join("OVMF_VARS.fd");
+    fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars).expect("OVMF (Debian package ovmf)");
+    let serial = work.join("serial.log");
+    let _ = fs::remove_file(&serial);
+    let spawned = Instant::now();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
+        .args(["-machine", "q35"])
+        .arg("-drive")
+        .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!("if=virtio,format=raw,file={}", disk.display()))
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let mut vm = Vm { child, serial };
+    vm.wait_for("tether-initramfs: rootfs verified", "REFUSING TO BOOT");
+    vm.wait_for("tether-agent started", "REFUSING TO BOOT");
+    let took = spawned.elapsed();
+    let console = vm.console();
+    assert!(
+        console.contains("tether.slot=a") && console.contains("verifying /dev/vda2"),
+        "booted slot A: {}",
+        tail(&console)
+    );
+    eprintln!(
+        "qemu TCG OVMF + systemd-boot disk boot to tether-agent: {:.1}s",
+        took.as_secs_f64()
+    );
+    // Power off: stop qemu once ext4 has committed its journal (5 s), then read the ESP.
+    std::thread::sleep(Duration::from_secs(8));
+    drop(vm);
+    assert_eq!(
+        esp_entries(&disk, esp_offset),
+        [
+            "tether-a+2-1.conf".to_string(),
+            entry_file_name(Slot::B, Some(BOOT_TRIES))
+        ],
+        "systemd-boot decremented slot A's counter"
+    );
+    // The /etc overlay lived on the state partition: the fresh machine-id is there (after
+    // e2fsck replays the journal of the uncleanly stopped file system, on a copy).
+    let state = work.join("state.img");
+    let dd = Command::new("dd")
+        .arg(format!("if={}", disk.display()))
+        .arg(format!("of={}", state.display()))
+        .arg("bs=1M")
+        .arg(format!("skip={}", state_offset >> 20))
+        .arg(format!("count={}", layout.partitions[3].size() >> 20))
+        .args(["conv=sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(dd.success());
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&state)
+        .output()
+        .expect("e2fsck (e2fsprogs)");
+    assert!(
+        matches!(fsck.status.code(), Some(0 | 1)),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let out = Command::new("debugfs")
+        .args(["-R", "ls /overlay/etc/upper"])
+        .arg(&state)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("machine-id"),
+        "state partition's /etc overlay: {listing} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = fs::remove_dir_all(&work);
+}
