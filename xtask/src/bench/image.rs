@@ -1,13 +1,15 @@
 //! `cargo xtask bench image`: how long `tether-image build` takes (warm; cold with
 //! `--cold`, in an empty cache so every package is downloaded and unpacked), how big the
 //! artifacts are, and how long qemu (TCG) takes from start to the agent's first log line on
-//! the serial console, booting `vmlinux` and `vmlinuz`, with a squashfs and an EROFS rootfs.
+//! the serial console, booting `vmlinux` and `vmlinuz`, with a squashfs and an EROFS rootfs,
+//! and `disk.raw` under OVMF through systemd-boot (written from the warm squashfs build).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether_image::build::{BuildOptions, build, write_combined_initrd};
+use tether_image::disk::{DiskInputs, write_disk};
 use tether_image::manifest::{Manifest, keygen};
 use tether_image::spec::RootfsFormat;
 
@@ -98,6 +100,64 @@ fn boot(dir: &Path, kernel: &str, rootfs: &str, cmdline: &str) -> Result<Duratio
     result
 }
 
+/// Boots `disk.raw` under OVMF (q35, virtio disk); returns the time from spawning qemu to
+/// "tether-agent started" (firmware and systemd-boot included).
+fn boot_disk(dir: &Path) -> Result<Duration, Error> {
+    let vars = dir.join("bench-vars.fd");
+    std::fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars).map_err(fail)?;
+    let serial = dir.join("bench-disk-serial.log");
+    let _ = std::fs::remove_file(&serial);
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
+        .args(["-machine", "q35"])
+        .arg("-drive")
+        .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=virtio,format=raw,file={}",
+            dir.join("disk.raw").display()
+        ))
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(fail)?;
+    let result = loop {
+        let text =
+            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
+        if text.contains("tether-agent started") {
+            break Ok(start.elapsed());
+        }
+        if text.contains("REFUSING TO BOOT") || start.elapsed() > BOOT_TIMEOUT {
+            break Err(fail(format!(
+                "disk.raw did not boot; see {}",
+                serial.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -161,6 +221,30 @@ pub fn run(cold: bool) -> Result<(), Error> {
             );
         }
     }
+    let squashfs = tmp.join("squashfs");
+    let start = Instant::now();
+    write_disk(
+        &DiskInputs {
+            dir: &squashfs,
+            rootfs_file: "rootfs.squashfs",
+            version: &m.version,
+            extra_cmdline: "console=tty0 console=ttyS0",
+            fstype: "squashfs",
+            verity: &m.verity,
+            epoch: m.source_date_epoch,
+        },
+        &squashfs.join("disk.raw"),
+    )
+    .map_err(fail)?;
+    println!(
+        "| warm | disk.raw from the built artifacts | {} |",
+        fmt_duration(start.elapsed())
+    );
+    let t = boot_disk(&squashfs)?;
+    println!(
+        "| boot | qemu TCG OVMF → systemd-boot → tether-agent started, disk.raw | {} |",
+        fmt_duration(t)
+    );
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
 }
