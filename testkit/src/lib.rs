@@ -16,6 +16,7 @@ pub mod nspawn;
 pub mod pki;
 pub mod ports;
 pub mod process;
+pub mod qemu;
 pub mod rootfs;
 pub mod state;
 

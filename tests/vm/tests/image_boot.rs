@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use tether_image::manifest::{self, Manifest};
 use tether_image::{Error, spec::RootfsFormat};
 use tether_testkit::Container;
 use tether_testkit::nspawn::ContainerOptions;
+use tether_testkit::qemu::{self, Qemu};
 
 /// How long a TCG boot may take to reach the agent (about 20 s of guest time here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -107,14 +108,11 @@ fn image() -> &'static Built {
     })
 }
 
-/// A qemu VM booting `kernel` with the image's initramfs + `rootfs` as one initrd, its
-/// serial console in a file. Killed on drop.
-struct Vm {
-    child: Child,
-    serial: PathBuf,
-}
+/// A qemu VM (testkit's, killed on drop) whose waits panic with the console's tail.
+struct Vm(qemu::Vm);
 
 impl Vm {
+    /// Boots `kernel` with the image's initramfs + `rootfs` as one initrd.
     fn boot(image: &Built, kernel: &str, rootfs: &Path, tag: &str) -> Vm {
         let work = image.dir.parent().unwrap().join(format!("vm-{tag}"));
         fs::create_dir_all(&work).unwrap();
@@ -127,71 +125,29 @@ impl Vm {
         let initrd = work.join("initrd.img");
         write_combined_initrd(&stage, rootfs_name, &initrd).unwrap();
         fs::remove_dir_all(&stage).unwrap();
-        let serial = work.join("serial.log");
-        let _ = fs::remove_file(&serial);
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
-            .arg("-kernel")
-            .arg(image.dir.join(kernel))
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&image.manifest.cmdline)
-            .args([
-                "-display",
-                "none",
-                "-monitor",
-                "none",
-                "-no-reboot",
-                "-nic",
-                "none",
-            ])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let vm = Qemu::new(&work.join("serial.log"), 1536)
+            .direct_boot(&image.dir.join(kernel), &initrd, &image.manifest.cmdline)
+            .args(["-nic", "none"])
             .spawn()
-            .expect("qemu-system-x86_64 (cargo xtask deps installs it)");
-        Vm { child, serial }
+            .expect("start qemu");
+        Vm(vm)
     }
 
     fn console(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.serial).unwrap_or_default()).into_owned()
+        self.0.console()
     }
 
-    /// Waits until the console shows `want`; fails early on `refuse`.
+    /// Waits until the console shows `want`; fails early on `refuse`. Returns the time
+    /// since qemu was spawned.
     fn wait_for(&mut self, want: &str, refuse: &str) -> Duration {
-        let start = Instant::now();
-        loop {
-            let text = self.console();
-            if text.contains(want) {
-                return start.elapsed();
-            }
-            if !refuse.is_empty() && text.contains(refuse) {
-                panic!("console shows {refuse:?}:\n{}", tail(&text));
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("qemu exited ({status}) before {want:?}:\n{}", tail(&text));
-            }
-            if start.elapsed() > BOOT_TIMEOUT {
-                panic!("no {want:?} within {BOOT_TIMEOUT:?}:\n{}", tail(&text));
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0
+            .wait_for(want, refuse, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
 fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    qemu::tail(text, 40)
 }
 
 #[test]
@@ -563,40 +519,17 @@ fn disk_boots_under_ovmf_and_counts_the_try() {
         .status()
         .unwrap();
     assert!(cp.success());
-    let vars = work.join("OVMF_VARS.fd");
-    fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars).expect("OVMF (Debian package ovmf)");
-    let serial = work.join("serial.log");
-    let _ = fs::remove_file(&serial);
     let spawned = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
-        .args(["-machine", "q35"])
-        .arg("-drive")
-        .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-drive")
-        .arg(format!("if=virtio,format=raw,file={}", disk.display()))
+    let mut vm = Vm(Qemu::new(&work.join("serial.log"), 1536)
+        .ovmf(&work.join("OVMF_VARS.fd"))
+        .expect("OVMF (Debian package ovmf)")
         .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
+            "-drive",
+            &format!("if=virtio,format=raw,file={}", disk.display()),
         ])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .args(["-nic", "none"])
         .spawn()
-        .expect("qemu-system-x86_64");
-    let mut vm = Vm { child, serial };
+        .expect("start qemu"));
     vm.wait_for("tether-initramfs: rootfs verified", "REFUSING TO BOOT");
     vm.wait_for("tether-agent started", "REFUSING TO BOOT");
     let took = spawned.elapsed();

@@ -5,13 +5,14 @@
 //! and `disk.raw` under OVMF through systemd-boot (written from the warm squashfs build).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tether_image::build::{BuildOptions, build, write_combined_initrd};
 use tether_image::disk::{DiskInputs, write_disk};
 use tether_image::manifest::{Manifest, keygen};
 use tether_image::spec::RootfsFormat;
+use tether_testkit::qemu::Qemu;
 
 use crate::error::Error;
 use crate::steps::fmt_duration;
@@ -54,108 +55,28 @@ fn timed_build(opts: &BuildOptions) -> Result<(Duration, Manifest), Error> {
 fn boot(dir: &Path, kernel: &str, rootfs: &str, cmdline: &str) -> Result<Duration, Error> {
     let initrd = dir.join("bench-initrd.img");
     write_combined_initrd(dir, rootfs, &initrd).map_err(fail)?;
-    let serial = dir.join("bench-serial.log");
-    let _ = std::fs::remove_file(&serial);
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
-        .arg("-kernel")
-        .arg(dir.join(kernel))
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(cmdline)
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(fail)?;
-    let result = loop {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        if text.contains("tether-agent started") {
-            break Ok(start.elapsed());
-        }
-        if text.contains("REFUSING TO BOOT") || start.elapsed() > BOOT_TIMEOUT {
-            break Err(fail(format!(
-                "{kernel} + {rootfs} did not boot; see {}",
-                serial.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    let mut vm = Qemu::new(&dir.join("bench-serial.log"), 1536)
+        .direct_boot(&dir.join(kernel), &initrd, cmdline)
+        .args(["-nic", "none"])
+        .spawn()?;
+    let took = vm.wait_for("tether-agent started", "REFUSING TO BOOT", BOOT_TIMEOUT);
+    drop(vm);
     let _ = std::fs::remove_file(&initrd);
-    result
+    Ok(took?)
 }
 
 /// Boots `disk.raw` under OVMF (q35, virtio disk); returns the time from spawning qemu to
 /// "tether-agent started" (firmware and systemd-boot included).
 fn boot_disk(dir: &Path) -> Result<Duration, Error> {
-    let vars = dir.join("bench-vars.fd");
-    std::fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars).map_err(fail)?;
-    let serial = dir.join("bench-disk-serial.log");
-    let _ = std::fs::remove_file(&serial);
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1536", "-smp", "2"])
-        .args(["-machine", "q35"])
-        .arg("-drive")
-        .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=virtio,format=raw,file={}",
-            dir.join("disk.raw").display()
-        ))
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(fail)?;
-    let result = loop {
-        let text =
-            String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
-        if text.contains("tether-agent started") {
-            break Ok(start.elapsed());
-        }
-        if text.contains("REFUSING TO BOOT") || start.elapsed() > BOOT_TIMEOUT {
-            break Err(fail(format!(
-                "disk.raw did not boot; see {}",
-                serial.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    let disk = format!(
+        "if=virtio,format=raw,file={}",
+        dir.join("disk.raw").display()
+    );
+    let mut vm = Qemu::new(&dir.join("bench-disk-serial.log"), 1536)
+        .ovmf(&dir.join("bench-vars.fd"))?
+        .args(["-drive", &disk, "-nic", "none"])
+        .spawn()?;
+    Ok(vm.wait_for("tether-agent started", "REFUSING TO BOOT", BOOT_TIMEOUT)?)
 }
 
 fn mb(bytes: u64) -> String {
