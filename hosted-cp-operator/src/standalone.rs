@@ -250,34 +250,13 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
     let resolve: BinaryResolver = Arc::new(|c: &ComponentSpec| binary(c.program.upstream()));
     let mgmt_rt = ProcessRuntime::new(&mgmt, resolve)?;
     let pki_rel = |f: &str| format!("{}/{f}", pki_dir.display());
-    let etcd = ComponentSpec {
-        program: Program::Etcd,
-        version: String::new(),
-        args: vec![
-            "--name=management".into(),
-            format!("--data-dir={}", mgmt.join("etcd").display()),
-            format!("--listen-client-urls=http://127.0.0.1:{}", ports.etcd),
-            format!("--advertise-client-urls=http://127.0.0.1:{}", ports.etcd),
-            format!("--listen-peer-urls=http://127.0.0.1:{}", ports.etcd_peer),
-            format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
-                ports.etcd_peer
-            ),
-            format!(
-                "--initial-cluster=management=http://127.0.0.1:{}",
-                ports.etcd_peer
-            ),
-            "--listen-metrics-urls=".into(),
-        ],
-        files: vec![],
-        env: BTreeMap::new(),
-        ports: vec![],
-        probe: Probe {
-            scheme: "http",
-            port: "",
-            path: "/health",
-        },
-    };
+    let etcd = single_member_etcd(
+        "management",
+        &mgmt.join("etcd"),
+        "http",
+        (ports.etcd, ports.etcd_peer),
+        vec![],
+    );
     let apiserver = ComponentSpec {
         program: Program::KubeApiserver,
         version: String::new(),
@@ -314,40 +293,20 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
         &ds_dir,
         Arc::new(|_: &ComponentSpec| binary(Component::Etcd)),
     )?;
-    let ds_etcd = ComponentSpec {
-        program: Program::Etcd,
-        version: String::new(),
-        args: vec![
-            "--name=datastore".into(),
-            format!("--data-dir={}", ds_dir.join("etcd").display()),
-            format!("--listen-client-urls=https://127.0.0.1:{}", ports.ds),
-            format!("--advertise-client-urls=https://127.0.0.1:{}", ports.ds),
-            format!("--listen-peer-urls=http://127.0.0.1:{}", ports.ds_peer),
-            format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{}",
-                ports.ds_peer
-            ),
-            format!(
-                "--initial-cluster=datastore=http://127.0.0.1:{}",
-                ports.ds_peer
-            ),
+    let ds_etcd = single_member_etcd(
+        "datastore",
+        &ds_dir.join("etcd"),
+        "https",
+        (ports.ds, ports.ds_peer),
+        vec![
             format!("--cert-file={}", pki_rel("etcd-server.crt")),
             format!("--key-file={}", pki_rel("etcd-server.key")),
             format!("--trusted-ca-file={}", pki_rel("etcd-ca.crt")),
             "--client-cert-auth=true".into(),
             "--auto-compaction-mode=periodic".into(),
             "--auto-compaction-retention=5m".into(),
-            "--listen-metrics-urls=".into(),
         ],
-        files: vec![],
-        env: BTreeMap::new(),
-        ports: vec![],
-        probe: Probe {
-            scheme: "https",
-            port: "",
-            path: "/health",
-        },
-    };
+    );
     ds_rt.apply("datastore", &[ds_etcd], &SecretData::new())?;
 
     // Management kubeconfig and client.
@@ -542,6 +501,42 @@ fn metrics_dump(ctx: Arc<Context>, path: PathBuf) {
             let _ = write_atomic(&path, json.to_string().as_bytes());
         }
     });
+}
+
+/// A one-member etcd on loopback named `name`, serving clients over `scheme` on
+/// `ports.0` (peers stay plain HTTP on `ports.1`, also loopback-only), probed on `/health`.
+/// `extra` carries TLS and compaction flags.
+fn single_member_etcd(
+    name: &str,
+    data_dir: &std::path::Path,
+    scheme: &'static str,
+    (client, peer): (u16, u16),
+    extra: Vec<String>,
+) -> ComponentSpec {
+    let mut args = vec![
+        format!("--name={name}"),
+        format!("--data-dir={}", data_dir.display()),
+        format!("--listen-client-urls={scheme}://127.0.0.1:{client}"),
+        format!("--advertise-client-urls={scheme}://127.0.0.1:{client}"),
+        format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+        format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+        format!("--initial-cluster={name}=http://127.0.0.1:{peer}"),
+    ];
+    args.extend(extra);
+    args.push("--listen-metrics-urls=".into());
+    ComponentSpec {
+        program: Program::Etcd,
+        version: String::new(),
+        args,
+        files: vec![],
+        env: BTreeMap::new(),
+        ports: vec![],
+        probe: Probe {
+            scheme,
+            port: "",
+            path: "/health",
+        },
+    }
 }
 
 #[cfg(test)]
