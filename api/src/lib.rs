@@ -1,5 +1,5 @@
-//! Tether's shared types: the `tether.dev/v1alpha1` custom resources and, later, the
-//! agent ↔ operator wire protocol.
+//! Tether's shared types: the `tether.dev/v1alpha1` custom resources, the agent ↔ operator
+//! wire protocol ([`machine_api`]) and enrollment token records ([`token`]).
 //!
 //! The types are plain serde + schemars structs so that every program can use them; the
 //! `kube` feature adds the `CustomResource` derives (and with them the CRD manifests) for
@@ -7,10 +7,13 @@
 
 pub mod datastore;
 pub mod machine;
+pub mod machine_api;
 pub mod tenant_control_plane;
+pub mod token;
 
 pub use machine::{
-    Artifact, BootImageSpec, BootImageStatus, MachinePhase, MachineSpec, MachineStatus,
+    Artifact, BootImageSpec, BootImageStatus, Facts, MachineCertificate, MachinePhase, MachineSpec,
+    MachineStatus,
 };
 
 #[cfg(feature = "kube")]

@@ -1,10 +1,23 @@
 //! `Machine` (one physical or virtual server Tether knows of) and `BootImage` (an immutable
-//! node image the PXE server can serve).
+//! node image the PXE server can serve). Both are cluster-scoped: a site's machines are one
+//! inventory that the pools of many tenants claim from (as PersistentVolumes are to claims),
+//! and an image serves every tenant.
 
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::tenant_control_plane::Condition;
+
+/// Label carrying a machine's boot MAC (`52-54-00-12-34-56`): labels are indexed by the API
+/// server, `spec.macs` is not.
+pub const MAC_LABEL: &str = "tether.dev/mac";
+/// Label carrying a machine's SMBIOS UUID (lower case), the second way a re-enrolling
+/// machine is found.
+pub const UUID_LABEL: &str = "tether.dev/uuid";
+/// The condition saying whether the agent reports on time.
+pub const AGENT_REACHABLE: &str = "AgentReachable";
 
 /// What a machine is and what it should run. Created by PXE discovery, agent enrollment or
 /// a user; claimed by a worker pool.
@@ -17,10 +30,10 @@ use serde::{Deserialize, Serialize};
         version = "v1alpha1",
         kind = "Machine",
         shortname = "mach",
-        namespaced,
         status = "MachineStatus",
         printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
         printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.nodeName"}"#,
+        printcolumn = r#"{"name":"Last Seen","type":"date","jsonPath":".status.lastSeen"}"#,
         printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".spec.pool"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
@@ -77,9 +90,9 @@ pub struct MachineStatus {
     /// Current phase.
     #[serde(default)]
     pub phase: MachinePhase,
-    /// Hardware facts reported by the agent (CPU, memory, disks, NICs), free-form.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub facts: BTreeMap<String, String>,
+    /// Hardware facts the agent reported when it enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<Facts>,
     /// Name of the Node object in the tenant cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
@@ -92,6 +105,96 @@ pub struct MachineStatus {
     /// RFC 3339 time of the agent's last report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
+    /// The tether-agent version that last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// The machine certificate the API accepts for this Machine (and the one it replaced,
+    /// until the agent has used the new one). Deleting the Machine revokes both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<MachineCertificate>,
+    /// `AgentReachable` and the conditions the agent reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The machine certificate on record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineCertificate {
+    /// Hex sha256 of the certificate's DER.
+    pub sha256: String,
+    /// Hex sha256 of its SubjectPublicKeyInfo: a retried enrollment or renewal with the
+    /// same key gets this certificate back instead of a new one.
+    pub key_sha256: String,
+    /// The certificate (PEM): public, and what an idempotent retry returns.
+    pub pem: String,
+    /// RFC 3339 expiry.
+    pub not_after: String,
+    /// The previous certificate's sha256, still accepted until the new one is presented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_sha256: Option<String>,
+}
+
+/// What the agent found out about its machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    /// SMBIOS/DMI system UUID (lower case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The MAC the machine booted from (PXE) or reaches the machine API through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_mac: Option<String>,
+    /// Every physical NIC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    /// Logical CPUs.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory in bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Block devices (no partitions, loop or RAM disks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// `uefi` or `bios`.
+    #[serde(default)]
+    pub boot_mode: String,
+    /// A/B slot on disk installs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_slot: Option<String>,
+    /// Kernel release.
+    #[serde(default)]
+    pub kernel: String,
+    /// SMBIOS vendor and product, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<String>,
+}
+
+/// One network interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Nic {
+    /// Kernel name (`enp1s0`).
+    pub name: String,
+    /// MAC address.
+    pub mac: String,
+    /// IPv4/IPv6 addresses with prefix length.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
+/// One disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Disk {
+    /// Kernel name (`vda`).
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Model, when the kernel knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// One downloadable file of a boot image.
@@ -115,7 +218,6 @@ pub struct Artifact {
         version = "v1alpha1",
         kind = "BootImage",
         shortname = "bi",
-        namespaced,
         status = "BootImageStatus",
         printcolumn = r#"{"name":"Version","type":"string","jsonPath":".spec.version"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

@@ -1,85 +1,86 @@
-//! Rendering what boots an image: the `BootImage` object for the operator, Boot Loader
-//! Specification entries with boot counting for disk installs, and the kernel command line.
-//!
-//! Boot counting follows systemd-boot: an entry file named `NAME+LEFT[-DONE].conf` is tried
-//! while LEFT > 0; each try renames it to `+(LEFT-1)-(DONE+1)`, and a good boot
-//! (`systemd-bless-boot`, or the agent's health gate) renames it to `NAME.conf`. New slots
-//! are written with `+3`.
+//! Rendering what boots an image: the kernel command lines (PXE, and each A/B slot's disk
+//! entry) through the shared [`BootParams`], and the `BootImage` object for the operator.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use tether_api::machine::{Artifact, BootImageSpec};
+use tether_boot::cmdline::{BootParams, Root, VerityParams};
+use tether_boot::manifest::{Manifest, Verity};
+use tether_boot::slot::{STATE_LABEL, Slot};
 
-use crate::manifest::{Manifest, Verity};
+use crate::{Error, Result};
 
-/// Tries a freshly written slot gets before systemd-boot falls back.
-pub const BOOT_TRIES: u32 = 3;
-
-/// Where the initramfs finds the rootfs on a PXE boot: the file the second initrd unpacks.
-pub const PXE_ROOTFS_PATH: &str = "/rootfs.img";
-
-/// The kernel command line for an image: the spec's words, then the root and verity ones.
-pub fn cmdline(extra: &str, root: &str, fstype: &str, verity: &Verity) -> String {
-    let mut words: Vec<String> = extra.split_whitespace().map(String::from).collect();
-    words.push(format!("tether.root={root}"));
-    words.push(format!("tether.rootfstype={fstype}"));
-    words.push(format!("tether.verity.roothash={}", verity.root_hash));
-    words.push(format!("tether.verity.hashoffset={}", verity.hash_offset));
-    words.join(" ")
-}
-
-/// An A/B slot of a disk install.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    /// The first slot, installed first.
-    A,
-    /// The second slot.
-    B,
-}
-
-impl Slot {
-    /// `a` or `b`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        }
-    }
-}
-
-/// The BLS entry file name for `slot` with `tries` left (`tether-a+3.conf`).
-pub fn entry_file_name(slot: Slot, tries: Option<u32>) -> String {
-    match tries {
-        Some(n) => format!("tether-{}+{n}.conf", slot.name()),
-        None => format!("tether-{}.conf", slot.name()),
-    }
-}
-
-/// Splits a BLS entry file name into its base and boot counters (left, done).
-pub fn parse_entry_counter(file: &str) -> Option<(&str, Option<(u32, u32)>)> {
-    let stem = file.strip_suffix(".conf")?;
-    let Some((base, counter)) = stem.rsplit_once('+') else {
-        return Some((stem, None));
+/// The spec's own words as `BootParams`; a spec may not set what the builder decides.
+pub fn spec_params(extra: &str) -> Result<BootParams> {
+    let invalid = |reason: String| Error::SpecInvalid {
+        field: "cmdline".into(),
+        reason,
     };
-    let (left, done) = match counter.split_once('-') {
-        Some((l, d)) => (l.parse().ok()?, d.parse().ok()?),
-        None => (counter.parse().ok()?, 0),
+    use tether_boot::cmdline::{
+        MAC, ROOT, ROOTFS_TYPE, SLOT, STATE, TOKEN, VERITY_HASH_OFFSET, VERITY_ROOT_HASH,
     };
-    Some((base, Some((left, done))))
+    const OWNED: &[&str] = &[
+        ROOT,
+        ROOTFS_TYPE,
+        VERITY_ROOT_HASH,
+        VERITY_HASH_OFFSET,
+        STATE,
+        SLOT,
+        MAC,
+        TOKEN,
+        "root",
+        "init",
+        "rdinit",
+    ];
+    if let Some(word) = extra
+        .split_whitespace()
+        .find(|w| OWNED.contains(&w.split('=').next().unwrap_or_default()))
+    {
+        return Err(invalid(format!(
+            "{word:?} is set by the builder (or per machine) and may not be given"
+        )));
+    }
+    let p = BootParams::parse(extra).map_err(|e| invalid(e.to_string()))?;
+    Ok(p)
 }
 
-/// A Boot Loader Specification type #1 entry for `slot` (paths relative to the ESP).
-pub fn bls_entry(version: &str, slot: Slot, cmdline: &str) -> String {
-    let s = slot.name();
-    format!(
-        "title Tether {version} (slot {s})\nversion {version}\nsort-key tether-{s}\nlinux /tether/{s}/vmlinuz\ninitrd /tether/{s}/initramfs\noptions {cmdline} tether.slot={s}\n"
-    )
+fn image_params(extra: &str, root: Root, fstype: &str, verity: &Verity) -> Result<BootParams> {
+    let mut p = spec_params(extra)?;
+    p.root = Some(root);
+    p.rootfs_type = Some(fstype.to_string());
+    p.verity = Some(VerityParams {
+        root_hash: verity.root_hash.clone(),
+        hash_offset: verity.hash_offset,
+    });
+    Ok(p)
 }
 
-/// systemd-boot's `loader/loader.conf`: slot A first, no menu delay.
-pub fn loader_conf() -> String {
-    "default tether-a*\ntimeout 0\nconsole-mode keep\neditor no\n".into()
+fn render(p: &BootParams) -> Result<String> {
+    p.render().map_err(|e| Error::SpecInvalid {
+        field: "cmdline".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// The PXE command line: the spec's words, then the rootfs as the file the second initrd
+/// unpacks, its type and verity parameters. tether-pxe appends the per-machine words.
+pub fn pxe_cmdline(extra: &str, fstype: &str, verity: &Verity) -> Result<String> {
+    render(&image_params(extra, Root::pxe(), fstype, verity)?)
+}
+
+/// The command line of a slot's disk entry: the slot's partition, the state partition and
+/// `tether.slot=`.
+pub fn slot_cmdline(extra: &str, slot: Slot, fstype: &str, verity: &Verity) -> Result<String> {
+    let mut p = image_params(
+        extra,
+        Root::PartLabel(slot.partition_label()),
+        fstype,
+        verity,
+    )?;
+    p.state = Some(Root::PartLabel(STATE_LABEL.into()));
+    p.slot = Some(slot);
+    render(&p)
 }
 
 #[derive(Serialize)]
@@ -156,11 +157,13 @@ pub fn bootimage_yaml(manifest: &Manifest, signature: &str, url_base: &str) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::ArtifactDigest;
+    use tether_boot::manifest::ArtifactDigest;
+
+    const HASH: &str = "ab0123456789abcdef0123456789abcdef";
 
     fn verity() -> Verity {
         Verity {
-            root_hash: "abc".into(),
+            root_hash: HASH.into(),
             hash_offset: 8192,
             salt: "00".into(),
             algorithm: "sha256".into(),
@@ -168,47 +171,56 @@ mod tests {
     }
 
     #[test]
-    fn cmdline_appends_root_and_verity() {
+    fn pxe_cmdline_appends_root_and_verity() {
         assert_eq!(
-            cmdline(
-                " console=ttyS0  quiet ",
-                "file:/rootfs.img",
-                "squashfs",
-                &verity()
-            ),
-            "console=ttyS0 quiet tether.root=file:/rootfs.img tether.rootfstype=squashfs tether.verity.roothash=abc tether.verity.hashoffset=8192"
+            pxe_cmdline(" console=ttyS0  quiet ", "squashfs", &verity()).unwrap(),
+            format!(
+                "console=ttyS0 quiet tether.root=file:/rootfs.img tether.rootfstype=squashfs tether.verity.roothash={HASH} tether.verity.hashoffset=8192"
+            )
         );
     }
 
     #[test]
-    fn entry_names_and_counters() {
+    fn slot_cmdlines() {
         assert_eq!(
-            entry_file_name(Slot::A, Some(BOOT_TRIES)),
-            "tether-a+3.conf"
+            slot_cmdline("console=ttyS0", Slot::B, "squashfs", &verity()).unwrap(),
+            format!(
+                "console=ttyS0 tether.root=PARTLABEL=tether-b tether.rootfstype=squashfs tether.verity.roothash={HASH} tether.verity.hashoffset=8192 tether.state=PARTLABEL=tether-state tether.slot=b"
+            )
         );
-        assert_eq!(entry_file_name(Slot::B, None), "tether-b.conf");
-        type Parsed<'a> = Option<(&'a str, Option<(u32, u32)>)>;
-        let cases: &[(&str, Parsed)] = &[
-            ("tether-a+3.conf", Some(("tether-a", Some((3, 0))))),
-            ("tether-a+2-1.conf", Some(("tether-a", Some((2, 1))))),
-            ("tether-a+0-3.conf", Some(("tether-a", Some((0, 3))))),
-            ("tether-b.conf", Some(("tether-b", None))),
-            ("tether-a+x.conf", None),
-            ("tether-a+3", None),
-        ];
-        for (file, want) in cases {
-            assert_eq!(parse_entry_counter(file), *want, "{file}");
+    }
+
+    #[test]
+    fn spec_words_the_builder_owns_are_refused() {
+        for bad in [
+            "root=/dev/sda",
+            "init=/bin/sh",
+            "tether.root=file:/x",
+            "tether.slot=a",
+            "tether.token=abcdef.0123456789abcdef",
+            "tether.mac=52:54:00:00:00:01",
+            "tether.api=ftp://x",
+        ] {
+            assert!(spec_params(bad).is_err(), "{bad}");
         }
+        // A site may bake its machine API and pin into an image.
+        let p = spec_params(&format!(
+            "quiet tether.api=https://10.0.0.1:9443 tether.ca=sha256:{}",
+            "0".repeat(64)
+        ))
+        .unwrap();
+        assert!(p.api.is_some() && p.ca.is_some());
     }
 
     #[test]
-    fn bls_entry_renders() {
-        let e = bls_entry("1.2", Slot::B, "console=ttyS0");
-        assert_eq!(
-            e,
-            "title Tether 1.2 (slot b)\nversion 1.2\nsort-key tether-b\nlinux /tether/b/vmlinuz\ninitrd /tether/b/initramfs\noptions console=ttyS0 tether.slot=b\n"
-        );
-        assert!(loader_conf().starts_with("default tether-a*\n"));
+    fn initramfs_reads_the_shared_keys() {
+        let init = include_str!("initramfs/init.sh");
+        let read: Vec<&str> = init
+            .lines()
+            .filter_map(|l| l.trim().split_once("=*)").map(|(k, _)| k))
+            .filter(|k| k.starts_with("tether."))
+            .collect();
+        assert_eq!(read, tether_boot::cmdline::INITRAMFS_KEYS);
     }
 
     #[test]

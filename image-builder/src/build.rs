@@ -22,11 +22,13 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 use tether_upstream::{Cache, debian};
 
-use crate::boot::{self, PXE_ROOTFS_PATH};
+use tether_boot::cmdline::PXE_ROOTFS_PATH;
+use tether_boot::manifest::{self, ArtifactDigest, Manifest, Verity};
+
+use crate::boot;
 use crate::cpio::{Archive, Entry};
-use crate::manifest::{self, ArtifactDigest, Manifest, Verity};
 use crate::spec::{RootfsFormat, Spec};
-use crate::{Error, Result, disk, kernel};
+use crate::{Error, Result, disk, kernel, keys};
 
 /// Bump when the base tree recipe changes so cached trees are rebuilt.
 const RECIPE: u32 = 4;
@@ -254,7 +256,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         field: "signing_key".into(),
         reason: "no signing key: set `signing_key` in the spec or pass --key (make one with `tether-image keygen`)".into(),
     })?;
-    let key = manifest::read_signing_key(&key_path)?;
+    let key = keys::read_signing_key(&key_path)?;
     let agent_bin = fs::read(&agent).map_err(Error::io("read agent", &agent))?;
     if !kernel::is_elf(&agent_bin) {
         return Err(Error::SpecInvalid {
@@ -360,12 +362,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     write_file(&staging.join("vmlinux"), &vmlinux)?;
     progress(&mut report, "kernel", t);
 
-    let cmdline = boot::cmdline(
-        &spec.cmdline,
-        &format!("file:{PXE_ROOTFS_PATH}"),
-        spec.rootfs_format.fstype(),
-        &verity,
-    );
+    let cmdline = boot::pxe_cmdline(&spec.cmdline, spec.rootfs_format.fstype(), &verity)?;
     let mut files = vec!["vmlinuz", "vmlinux", "initramfs", rootfs_name.as_str()];
     if spec.disk {
         let t = Instant::now();
@@ -1287,7 +1284,7 @@ pub fn verify_image(dir: &Path, public: &ed25519_dalek::VerifyingKey) -> Result<
     let bytes = fs::read(&mpath).map_err(Error::io("read", &mpath))?;
     let spath = dir.join("manifest.sig");
     let sig = fs::read_to_string(&spath).map_err(Error::io("read", &spath))?;
-    manifest::verify(public, &bytes, &sig)?;
+    manifest::verify(public, &bytes, &sig).map_err(|e| Error::Verify(e.to_string()))?;
     let m: Manifest =
         serde_json::from_slice(&bytes).map_err(|e| Error::Verify(format!("manifest.json: {e}")))?;
     for (file, want) in &m.artifacts {

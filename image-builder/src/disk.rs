@@ -23,16 +23,15 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::boot::{self, BOOT_TRIES, Slot};
+use tether_boot::manifest::Verity;
+use tether_boot::slot::{self, BOOT_TRIES, STATE_LABEL, Slot};
+
+use crate::boot::slot_cmdline;
 use crate::gpt::{self, Layout, SECTOR};
-use crate::manifest::Verity;
 use crate::{Error, Result};
 
 /// Debian's systemd-boot (package systemd-boot-efi).
 pub const SYSTEMD_BOOT_EFI: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
-
-/// The state partition's GPT name, on the kernel command line as `tether.state=`.
-pub const STATE_LABEL: &str = "tether-state";
 
 const MIB: u64 = 1 << 20;
 
@@ -85,22 +84,9 @@ pub fn derived_guid(seed: &str, what: &str) -> String {
     )
 }
 
-/// The kernel command line of a slot's entry (before `bls_entry` adds `tether.slot=`).
-pub fn slot_cmdline(extra: &str, slot: Slot, fstype: &str, verity: &Verity) -> String {
-    format!(
-        "{} tether.state=PARTLABEL={STATE_LABEL}",
-        boot::cmdline(
-            extra,
-            &format!("PARTLABEL=tether-{}", slot.name()),
-            fstype,
-            verity
-        )
-    )
-}
-
 /// The files of the ESP, relative to its root, with their contents (small ones) or source
 /// paths (large ones).
-fn esp_files(inputs: &DiskInputs) -> Vec<(String, EspFile)> {
+fn esp_files(inputs: &DiskInputs) -> Result<Vec<(String, EspFile)>> {
     let mut files = vec![
         (
             "EFI/BOOT/BOOTX64.EFI".to_string(),
@@ -112,24 +98,23 @@ fn esp_files(inputs: &DiskInputs) -> Vec<(String, EspFile)> {
         ),
         (
             "loader/loader.conf".to_string(),
-            EspFile::Text(boot::loader_conf()),
+            EspFile::Text(slot::loader_conf()),
         ),
     ];
-    for slot in [Slot::A, Slot::B] {
-        let s = slot.name();
-        let cmdline = slot_cmdline(inputs.extra_cmdline, slot, inputs.fstype, inputs.verity);
+    for slot in Slot::ALL {
+        let cmdline = slot_cmdline(inputs.extra_cmdline, slot, inputs.fstype, inputs.verity)?;
         files.push((
-            format!(
-                "loader/entries/{}",
-                boot::entry_file_name(slot, Some(BOOT_TRIES))
-            ),
-            EspFile::Text(boot::bls_entry(inputs.version, slot, &cmdline)),
+            format!("loader/entries/{}", slot.entry_file_name(Some(BOOT_TRIES))),
+            EspFile::Text(slot.bls_entry(inputs.version, &cmdline)),
         ));
         for f in ["vmlinuz", "initramfs"] {
-            files.push((format!("tether/{s}/{f}"), EspFile::Copy(inputs.dir.join(f))));
+            files.push((
+                format!("{}/{f}", slot.esp_dir()),
+                EspFile::Copy(inputs.dir.join(f)),
+            ));
         }
     }
-    files
+    Ok(files)
 }
 
 enum EspFile {
@@ -218,7 +203,7 @@ pub fn write_disk(inputs: &DiskInputs, out: &Path) -> Result<Layout> {
         mtools(&["mmd", &format!("::/{dir}")])?;
     }
     let scratch = tempdir_next_to(out)?;
-    for (i, (dest, file)) in esp_files(inputs).into_iter().enumerate() {
+    for (i, (dest, file)) in esp_files(inputs)?.into_iter().enumerate() {
         let src = match file {
             EspFile::Copy(p) => p,
             EspFile::Text(t) => {
@@ -371,19 +356,5 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4", "version nibble: {a}");
         assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
-    }
-
-    #[test]
-    fn slot_cmdlines() {
-        let v = Verity {
-            root_hash: "ab".into(),
-            hash_offset: 4096,
-            salt: "00".into(),
-            algorithm: "sha256".into(),
-        };
-        assert_eq!(
-            slot_cmdline("console=ttyS0", Slot::B, "squashfs", &v),
-            "console=ttyS0 tether.root=PARTLABEL=tether-b tether.rootfstype=squashfs tether.verity.roothash=ab tether.verity.hashoffset=4096 tether.state=PARTLABEL=tether-state"
-        );
     }
 }

@@ -10,7 +10,7 @@ pub mod disk;
 pub mod error;
 pub mod gpt;
 pub mod kernel;
-pub mod manifest;
+pub mod keys;
 pub mod spec;
 
 pub use error::{Error, Result};

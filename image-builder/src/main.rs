@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use tether_image::build::{BuildOptions, build, verify_image};
 use tether_image::spec::RootfsFormat;
-use tether_image::{Error, manifest};
+use tether_image::{Error, keys};
 use tether_telemetry::LogArgs;
 
 /// Builds the immutable node boot image from a declarative spec.
@@ -86,12 +86,10 @@ fn main() {
             let total: f64 = r.steps.iter().map(|(_, s)| s).sum();
             println!("built {} in {total:.1}s", out.display());
         }),
-        Command::Keygen { dir } => manifest::keygen(&dir).map(|()| {
+        Command::Keygen { dir } => keys::keygen(&dir).map(|()| {
             println!("wrote {0}/signing.key and {0}/signing.pub", dir.display());
         }),
-        Command::Verify { dir, public_key } => std::fs::read_to_string(&public_key)
-            .map_err(Error::io("read", &public_key))
-            .and_then(|t| manifest::parse_public_key(&t, &public_key))
+        Command::Verify { dir, public_key } => keys::read_public_key(&public_key)
             .and_then(|k| verify_image(&dir, &k))
             .map(|m| {
                 println!(

@@ -90,9 +90,6 @@ fn default_cmdline() -> String {
     "console=tty0 console=ttyS0".into()
 }
 
-/// Kernel command line keys the builder owns; a spec may not set them.
-const RESERVED_CMDLINE: &[&str] = &["root=", "init=", "rdinit=", "tether.root", "tether.verity"];
-
 impl Spec {
     /// Reads and validates the spec at `path`, resolving its relative paths.
     pub fn load(path: &Path) -> Result<Spec> {
@@ -171,16 +168,7 @@ impl Spec {
         if self.cmdline.chars().any(|c| c.is_control()) {
             return Err(invalid("cmdline", "must be one line".into()));
         }
-        if let Some(word) = self
-            .cmdline
-            .split_whitespace()
-            .find(|w| RESERVED_CMDLINE.iter().any(|r| w.starts_with(r)))
-        {
-            return Err(invalid(
-                "cmdline",
-                format!("{word:?} is set by the builder and may not be given"),
-            ));
-        }
+        crate::boot::spec_params(&self.cmdline)?;
         if self.cmdline.len() > 1024 {
             return Err(invalid("cmdline", "longer than 1024 bytes".into()));
         }

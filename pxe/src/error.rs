@@ -14,9 +14,10 @@ pub enum Error {
     /// A TFTP packet that does not parse.
     #[error("malformed TFTP packet: {0}")]
     TftpPacket(String),
-    /// A MAC address that is not six hex octets.
-    #[error("invalid MAC address {0:?}")]
-    Mac(String),
+    /// A value of the node contract (MAC, token, CA pin, URL, command line) that does not
+    /// parse or is unsafe to render.
+    #[error(transparent)]
+    Contract(#[from] tether_boot::Error),
     /// A value that would be interpolated into an iPXE script or kernel command line is unsafe.
     #[error("refusing unsafe {what} {value:?}: {why}")]
     Unsafe {

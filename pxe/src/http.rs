@@ -13,11 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::artifacts::Store;
-use crate::mac::Mac;
 use crate::metrics::Metrics;
 use crate::script::{self, Enrollment};
 use crate::source::{self, BootSource};
 use crate::tftp::Files;
+use tether_boot::Mac;
 
 /// Response body type: small bodies in memory; artifact bodies are a [`SendFile`] extension.
 pub type Body = Bytes;

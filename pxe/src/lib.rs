@@ -10,7 +10,6 @@ pub mod artifacts;
 pub mod dhcp;
 pub mod error;
 pub mod http;
-pub mod mac;
 pub mod metrics;
 pub mod script;
 pub mod serve;
@@ -18,4 +17,3 @@ pub mod source;
 pub mod tftp;
 
 pub use error::{Error, Result};
-pub use mac::Mac;

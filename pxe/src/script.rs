@@ -4,7 +4,7 @@
 //! or URL pasted raw would let whoever controls it run commands on the booting machine.
 
 use crate::error::{Error, Result};
-use crate::mac::Mac;
+use tether_boot::Mac;
 
 /// The DHCP user-class our scripts set before any further DHCP, so the server knows the
 /// client is an iPXE it already handed a script to and never chainloads it again.

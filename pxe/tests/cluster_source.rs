@@ -12,7 +12,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{CustomResourceExt, ResourceExt};
 use tether_api::{Artifact, BootImage, BootImageSpec, Machine, MachinePhase};
-use tether_pxe::Mac;
+use tether_boot::Mac;
 use tether_pxe::artifacts::Store;
 use tether_pxe::source::BootSource;
 use tether_pxe::source::kube::{KubeSource, MAC_LABEL};
@@ -70,7 +70,7 @@ async fn unknown_macs_are_discovered_once_and_images_are_served() {
     let client = cluster.client();
     apply_crd(&client, Machine::crd()).await;
     apply_crd(&client, BootImage::crd()).await;
-    let images: Api<BootImage> = Api::namespaced(client.clone(), "default");
+    let images: Api<BootImage> = Api::all(client.clone());
     let (k1, i1, k2, i2) = (
         "1".repeat(64),
         "2".repeat(64),
@@ -105,7 +105,7 @@ async fn unknown_macs_are_discovered_once_and_images_are_served() {
         ra.discovered ^ rb.discovered,
         "exactly one server created it"
     );
-    let machines: Api<Machine> = Api::namespaced(client.clone(), "default");
+    let machines: Api<Machine> = Api::all(client.clone());
     let list = machines
         .list(&ListParams::default().labels(&format!("{MAC_LABEL}=52-54-00-de-ad-01")))
         .await

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use dhcproto::v4::MessageType;
-use tether_pxe::Mac;
+use tether_boot::Mac;
 use tether_pxe::dhcp;
 use tether_pxe::tftp;
 

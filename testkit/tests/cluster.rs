@@ -60,7 +60,7 @@ async fn crd_round_trip_on_real_apiserver() {
     })
     .await;
 
-    let machines: Api<Machine> = Api::namespaced(client.clone(), "default");
+    let machines: Api<Machine> = Api::all(client.clone());
     let spec = MachineSpec {
         macs: vec!["52:54:00:00:00:01".into()],
         uuid: Some("4c4c4544-0000-1000-8000-000000000001".into()),
@@ -94,9 +94,8 @@ async fn crd_round_trip_on_real_apiserver() {
         "metadata": {"name": "bad"},
         "spec": {"macs": "not-a-list"}
     });
-    let dynamic: Api<kube::api::DynamicObject> = Api::namespaced_with(
+    let dynamic: Api<kube::api::DynamicObject> = Api::all_with(
         client.clone(),
-        "default",
         &kube::api::ApiResource::erase::<Machine>(&()),
     );
     let rejected = dynamic

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Lease;
 use crate::error::{Error, Result};
-use crate::mac::Mac;
+use tether_boot::Mac;
 
 /// How long an offered (not yet requested) address stays reserved.
 const OFFER_HOLD_SECS: u64 = 60;

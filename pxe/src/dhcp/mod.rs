@@ -23,8 +23,8 @@ use dhcproto::v4::{
 use dhcproto::{Decodable, Decoder, Encodable};
 
 use crate::error::{Error, Result};
-use crate::mac::Mac;
 use crate::script::OUR_USER_CLASS;
+use tether_boot::Mac;
 
 /// iPXE's "encapsulated options" option; its presence means the client is iPXE.
 const OPT_IPXE_ENCAP: u8 = 175;

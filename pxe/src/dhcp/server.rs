@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use super::leases::Leases;
 use super::{BootServer, Decision, Ignore, Port, decide, encode, message_type, nak, parse, reply};
 use crate::error::{Error, Result};
-use crate::mac::Mac;
 use crate::metrics::Metrics;
+use tether_boot::Mac;
 
 /// Opens a UDP socket for DHCP on `port`, broadcast-capable and (when given) bound to
 /// `interface` so that a multi-homed host answers only on the boot segment.

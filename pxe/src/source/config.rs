@@ -32,7 +32,7 @@ use tether_api::{Artifact, BootImageSpec};
 use super::{Assignment, BootSource};
 use crate::artifacts::Store;
 use crate::error::{Error, Result};
-use crate::mac::Mac;
+use tether_boot::Mac;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,7 @@ use tether_api::{BootImage, Machine, MachinePhase, MachineSpec, MachineStatus};
 
 use super::{Assignment, BootSource};
 use crate::error::{Error, Result};
-use crate::mac::Mac;
+use tether_boot::Mac;
 
 /// Label carrying a machine's (boot) MAC.
 pub const MAC_LABEL: &str = "tether.dev/mac";
@@ -31,11 +31,13 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    /// Uses `namespace`; machines without `spec.image` boot `default_image`.
+    /// Machines without `spec.image` boot `default_image`. `namespace` is the operator's
+    /// (where boot tokens are minted).
     pub fn new(client: Client, namespace: &str, default_image: &str) -> KubeSource {
+        let _ = namespace;
         KubeSource {
-            machines: Api::namespaced(client.clone(), namespace),
-            images: Api::namespaced(client, namespace),
+            machines: Api::all(client.clone()),
+            images: Api::all(client),
             default_image: default_image.to_string(),
         }
     }

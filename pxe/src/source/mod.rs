@@ -10,8 +10,8 @@ use tether_api::BootImageSpec;
 
 use crate::artifacts::Store;
 use crate::error::{Error, Result};
-use crate::mac::Mac;
 use crate::script::{ArtifactRef, BootPlan, Enrollment};
+use tether_boot::Mac;
 
 /// The machine a MAC belongs to and the image it should boot.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,8 +11,9 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use tether_boot::manifest::Manifest;
 use tether_image::build::{BuildOptions, build, verify_image, write_combined_initrd};
-use tether_image::manifest::{self, Manifest};
+use tether_image::keys;
 use tether_image::{Error, spec::RootfsFormat};
 use tether_testkit::Container;
 use tether_testkit::nspawn::ContainerOptions;
@@ -90,7 +91,7 @@ fn image() -> &'static Built {
         let dir = scratch();
         let keys = dir.join("keys");
         if !keys.join("signing.key").exists() {
-            manifest::keygen(&keys).unwrap();
+            keys::keygen(&keys).unwrap();
         }
         let out = dir.join("image");
         let report = build(&options(
@@ -153,8 +154,7 @@ fn tail(text: &str) -> String {
 #[test]
 fn image_is_signed_and_complete() {
     let image = image();
-    let public =
-        manifest::parse_public_key(&fs::read_to_string(&image.key).unwrap(), &image.key).unwrap();
+    let public = keys::read_public_key(&image.key).unwrap();
     let m = verify_image(&image.dir, &public).expect("signature and digests verify");
     for file in ["vmlinuz", "vmlinux", "initramfs", "rootfs.squashfs"] {
         assert!(m.artifacts.contains_key(file), "{file} in manifest");
@@ -332,7 +332,7 @@ fn bad_input_fails_clearly_and_leaves_out_alone() {
     fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys");
     if !keys.exists() {
-        manifest::keygen(&keys).unwrap();
+        keys::keygen(&keys).unwrap();
     }
     let key = keys.join("signing.key");
     let agent = std::env::current_exe().unwrap(); // any ELF will do: these builds never start
@@ -456,7 +456,7 @@ fn esp_entries(disk: &Path, esp_offset: u64) -> Vec<String> {
 /// (ACPI `system_powerdown` is not acted on this early in boot, so it is not used.)
 #[test]
 fn disk_boots_under_ovmf_and_counts_the_try() {
-    use tether_image::boot::{BOOT_TRIES, Slot, entry_file_name};
+    use tether_boot::slot::{BOOT_TRIES, Slot};
     use tether_image::disk::{DiskInputs, write_disk};
     use tether_image::gpt::SECTOR;
     // A second build of the example image (warm caches) with disk = true.
@@ -501,10 +501,10 @@ fn disk_boots_under_ovmf_and_counts_the_try() {
 
     let esp_offset = layout.partitions[0].first_lba * SECTOR;
     let state_offset = layout.partitions[3].first_lba * SECTOR;
-    let fresh = entry_file_name(Slot::A, Some(BOOT_TRIES));
+    let fresh = Slot::A.entry_file_name(Some(BOOT_TRIES));
     assert_eq!(
         esp_entries(&out.join("disk.raw"), esp_offset),
-        [fresh.clone(), entry_file_name(Slot::B, Some(BOOT_TRIES))]
+        [fresh.clone(), Slot::B.entry_file_name(Some(BOOT_TRIES))]
     );
 
     // Boot a copy (the VM writes to it) with OVMF and its own copy of the variable store.
@@ -550,7 +550,7 @@ fn disk_boots_under_ovmf_and_counts_the_try() {
         esp_entries(&disk, esp_offset),
         [
             "tether-a+2-1.conf".to_string(),
-            entry_file_name(Slot::B, Some(BOOT_TRIES))
+            Slot::B.entry_file_name(Some(BOOT_TRIES))
         ],
         "systemd-boot decremented slot A's counter"
     );

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tether_boot::manifest::Manifest;
 use tether_image::build::{BuildOptions, build, write_combined_initrd};
 use tether_image::disk::{DiskInputs, write_disk};
-use tether_image::manifest::{Manifest, keygen};
+use tether_image::keys::keygen;
 use tether_image::spec::RootfsFormat;
 use tether_testkit::qemu::Qemu;
 

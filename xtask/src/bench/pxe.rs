@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::MessageType;
-use tether_pxe::Mac;
+use tether_boot::Mac;
 use tether_pxe::dhcp;
 use tether_pxe::tftp::{self, Packet};
 use tether_testkit::NetNs;

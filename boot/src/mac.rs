@@ -1,5 +1,5 @@
 //! MAC addresses: the one identity a netbooting machine has before it runs our code, so it is
-//! parsed strictly and rendered in exactly two canonical forms.
+//! parsed strictly and rendered in exactly three canonical forms.
 
 use std::fmt;
 use std::str::FromStr;
@@ -26,6 +26,13 @@ impl Mac {
         hex::encode(self.0)
     }
 
+    /// The name of the `Machine` first seen with this MAC (`mac-525400123456`). Derived from
+    /// the MAC, so two writers racing on one machine (two PXE servers, PXE and enrollment)
+    /// try to create the same object and exactly one wins.
+    pub fn machine_name(&self) -> String {
+        format!("mac-{}", self.compact())
+    }
+
     fn join(&self, sep: char) -> String {
         let mut s = String::with_capacity(17);
         for (i, b) in self.0.iter().enumerate() {
@@ -50,7 +57,7 @@ impl FromStr for Mac {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Mac, Error> {
-        let bad = || Error::Mac(s.chars().take(64).collect());
+        let bad = || Error::invalid("MAC address", s, "must be six hex pairs joined by : or -");
         if s.len() != 17 {
             return Err(bad());
         }
@@ -69,6 +76,19 @@ impl FromStr for Mac {
     }
 }
 
+impl serde::Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Mac, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +99,7 @@ mod tests {
         assert_eq!(m.to_string(), "52:54:00:ab:cd:0f");
         assert_eq!(m.dashed(), "52-54-00-ab-cd-0f");
         assert_eq!(m.compact(), "525400abcd0f");
+        assert_eq!(m.machine_name(), "mac-525400abcd0f");
         assert_eq!("52-54-00-ab-cd-0f".parse::<Mac>().unwrap(), m);
         for bad in [
             "",
@@ -97,5 +118,16 @@ mod tests {
             Mac::from_chaddr(&[1, 2, 3, 4, 5, 6, 0, 0]),
             Some(Mac([1, 2, 3, 4, 5, 6]))
         );
+    }
+
+    #[test]
+    fn serde_is_the_colon_form() {
+        let m: Mac = "52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(serde_json::to_string(&m).unwrap(), "\"52:54:00:12:34:56\"");
+        assert_eq!(
+            serde_json::from_str::<Mac>("\"52-54-00-12-34-56\"").unwrap(),
+            m
+        );
+        assert!(serde_json::from_str::<Mac>("\"nope\"").is_err());
     }
 }

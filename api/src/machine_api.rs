@@ -1,0 +1,230 @@
+//! The agent ↔ operator machine API: HTTPS JSON, mutually authenticated after enrollment.
+//!
+//! | method and path | who | body → answer |
+//! |---|---|---|
+//! | `POST /v1/enroll` | anyone with a token (server TLS only, pinned by the agent) | [`EnrollRequest`] → [`EnrollResponse`] |
+//! | `GET /v1/machines/{name}/config?after=G&timeout=S` | that machine's certificate | long-poll → [`DesiredConfig`] (generation > G, or the current one after S seconds) |
+//! | `POST /v1/machines/{name}/status` | that machine's certificate | [`StatusReport`] → [`StatusAck`] |
+//! | `POST /v1/machines/{name}/renew` | that machine's certificate | [`RenewRequest`] → [`EnrollResponse`] |
+//!
+//! Every refusal is an HTTP status plus an [`ApiError`] body whose [`Reason`] a program can
+//! match on and whose message a person can act on. Where the API is found is published in
+//! the ConfigMap [`NAMESPACE`]/[`CONFIG_MAP`] (keys [`KEY_URL`], [`KEY_CA_PIN`]).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{Facts, MachinePhase};
+use crate::tenant_control_plane::Condition;
+
+/// The operator's namespace: the machine API's CA, its ConfigMap and every token live here.
+pub const NAMESPACE: &str = "tether-system";
+/// The ConfigMap publishing the machine API.
+pub const CONFIG_MAP: &str = "tether-machine-api";
+/// ConfigMap key: the base URL nodes use.
+pub const KEY_URL: &str = "url";
+/// ConfigMap key: `sha256:<hex>` of the CA's public key.
+pub const KEY_CA_PIN: &str = "caPin";
+/// The Secret holding the machine API CA (`ca.crt`, `ca.key`).
+pub const CA_SECRET: &str = "tether-machine-api-ca";
+/// Common-name prefix of machine certificates: `tether:machine:<name>`.
+pub const MACHINE_CN_PREFIX: &str = "tether:machine:";
+
+/// `POST` path of enrollment.
+pub const ENROLL_PATH: &str = "/v1/enroll";
+
+/// `/v1/machines/{name}/config`
+pub fn config_path(machine: &str) -> String {
+    format!("/v1/machines/{machine}/config")
+}
+
+/// `/v1/machines/{name}/status`
+pub fn status_path(machine: &str) -> String {
+    format!("/v1/machines/{machine}/status")
+}
+
+/// `/v1/machines/{name}/renew`
+pub fn renew_path(machine: &str) -> String {
+    format!("/v1/machines/{machine}/renew")
+}
+
+/// A token and a CSR in exchange for a machine certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// `<id>.<secret>`. Sent as text so a malformed one gets its own clear refusal.
+    pub token: String,
+    /// PKCS#10 CSR (PEM) for the key the node generated and keeps.
+    pub csr: String,
+    /// What the machine is.
+    pub facts: Facts,
+}
+
+/// A machine certificate and who it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollResponse {
+    /// The Machine this node is.
+    pub machine: String,
+    /// The certificate (PEM), CN `tether:machine:<machine>`.
+    pub certificate: String,
+    /// The machine API CA (PEM): what the node trusts from now on.
+    pub ca: String,
+}
+
+/// A new CSR for a new certificate (renewal at two thirds of the old one's life).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenewRequest {
+    /// PKCS#10 CSR (PEM).
+    pub csr: String,
+}
+
+/// What the operator wants of a machine. Grows with the join issue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredConfig {
+    /// Changes whenever anything below changes; the next long-poll passes it as `after`.
+    pub generation: i64,
+    /// The Machine.
+    pub machine: String,
+    /// Its phase as the operator sees it.
+    pub phase: MachinePhase,
+    /// The claiming WorkerPool (`namespace/name`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The BootImage it should run, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// How often the agent reports (seconds): the operator marks it unreachable after
+    /// three missed reports.
+    pub report_seconds: u32,
+}
+
+/// What the agent reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StatusReport {
+    /// The phase the agent is in (Enrolled, Installing, …), if it has one to report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MachinePhase>,
+    /// tether-agent version.
+    pub agent_version: String,
+    /// The image version running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_version: Option<String>,
+    /// A/B slot booted (disk installs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_slot: Option<String>,
+    /// The agent's own conditions (`AgentReachable` is the operator's and is ignored here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The answer to a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusAck {
+    /// The desired config's current generation: a long-poll after a reconnect starts here.
+    pub generation: i64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Reason {
+    /// The body does not parse or a field is invalid.
+    BadRequest,
+    /// The body is larger than the API accepts.
+    PayloadTooLarge,
+    /// The token is not `<id>.<secret>`.
+    TokenMalformed,
+    /// No such token, or the secret does not match.
+    TokenInvalid,
+    /// The token expired.
+    TokenExpired,
+    /// The token has no uses left.
+    TokenUsedUp,
+    /// A boot token presented by a machine other than the one it was minted for.
+    TokenWrongMac,
+    /// The endpoint needs a machine certificate.
+    CertificateRequired,
+    /// The certificate is valid but not for this Machine, or no longer on record.
+    Forbidden,
+    /// No such path.
+    NotFound,
+    /// Too many enrollments; retry later.
+    RateLimited,
+    /// The operator failed; retry later.
+    Internal,
+}
+
+impl Reason {
+    /// The HTTP status for this reason.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Reason::BadRequest => 400,
+            Reason::PayloadTooLarge => 413,
+            Reason::TokenMalformed
+            | Reason::TokenInvalid
+            | Reason::TokenExpired
+            | Reason::TokenUsedUp
+            | Reason::TokenWrongMac
+            | Reason::Forbidden => 403,
+            Reason::CertificateRequired => 401,
+            Reason::NotFound => 404,
+            Reason::RateLimited => 429,
+            Reason::Internal => 500,
+        }
+    }
+
+    /// Whether retrying the same request later can succeed.
+    pub fn retriable(self) -> bool {
+        matches!(self, Reason::RateLimited | Reason::Internal)
+    }
+}
+
+/// The body of every refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    /// What kind of refusal.
+    pub reason: Reason,
+    /// What a person should know.
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.reason, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let ok = r#"{"token":"a","csr":"b","facts":{}}"#;
+        assert!(serde_json::from_str::<EnrollRequest>(ok).is_ok());
+        let bad = r#"{"token":"a","csr":"b","facts":{},"admin":true}"#;
+        assert!(serde_json::from_str::<EnrollRequest>(bad).is_err());
+    }
+
+    #[test]
+    fn reasons_map_to_statuses() {
+        let e = ApiError {
+            reason: Reason::TokenExpired,
+            message: "token abcdef expired".into(),
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"reason":"TokenExpired","message":"token abcdef expired"}"#
+        );
+        assert_eq!(Reason::TokenExpired.http_status(), 403);
+        assert_eq!(Reason::RateLimited.http_status(), 429);
+        assert!(Reason::Internal.retriable() && !Reason::TokenUsedUp.retriable());
+        assert_eq!(config_path("m1"), "/v1/machines/m1/config");
+    }
+}

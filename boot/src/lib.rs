@@ -1,0 +1,32 @@
+//! The node contract: the small set of values that several Tether programs write and others
+//! read, each as one type in one place.
+//!
+//! | type | written by | read by |
+//! |---|---|---|
+//! | [`cmdline::BootParams`] (`tether.*` kernel command line) | tether-image, tether-pxe | initramfs, tether-agent |
+//! | [`mac::Mac`] | tether-pxe (DHCP), tether-agent (facts) | operator (Machine names, labels) |
+//! | [`token::Token`] | operator, tether-pxe (boot tokens) | tether-agent → machine API |
+//! | [`pin::CaPin`] | operator (machine API CA) | tether-pxe, tether-agent (first contact) |
+//! | [`manifest::Manifest`] | tether-image (signed) | operator, tether-agent (upgrades) |
+//! | [`slot::Slot`] | tether-image (disk layout) | tether-agent (A/B upgrades) |
+//! | [`seed::Seed`] (`agent.toml`, NoCloud user-data) | `tether-operator token create` | tether-agent |
+//!
+//! Everything here is pure: parsing, rendering and checking, with table tests. Values that
+//! end up on a kernel command line or in a URL are validated on the way in *and* out, so a
+//! hostile value can never be rendered.
+
+pub mod cmdline;
+pub mod error;
+pub mod mac;
+pub mod manifest;
+pub mod pin;
+pub mod seed;
+pub mod slot;
+pub mod token;
+
+pub use cmdline::BootParams;
+pub use error::{Error, Result};
+pub use mac::Mac;
+pub use pin::CaPin;
+pub use slot::Slot;
+pub use token::Token;
