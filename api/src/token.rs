@@ -258,6 +258,55 @@ impl TokenRecord {
     }
 }
 
+#[cfg(feature = "kube")]
+impl TokenRecord {
+    /// The record as the Secret `tether-token-<id>` in `namespace` (type [`SECRET_TYPE`],
+    /// labelled with its kind), for server-side apply or create.
+    pub fn to_secret(&self, namespace: &str) -> k8s_openapi::api::core::v1::Secret {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        k8s_openapi::api::core::v1::Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name(&self.id)),
+                namespace: Some(namespace.to_string()),
+                labels: Some(BTreeMap::from([(
+                    KIND_LABEL.to_string(),
+                    self.kind.name().to_string(),
+                )])),
+                ..Default::default()
+            },
+            type_: Some(SECRET_TYPE.to_string()),
+            data: Some(
+                self.to_data()
+                    .into_iter()
+                    .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    /// Reads a record from its Secret; anything else (wrong type, bad data) is an error.
+    pub fn from_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Result<TokenRecord, String> {
+        if secret.type_.as_deref() != Some(SECRET_TYPE) {
+            return Err(format!(
+                "Secret type is {:?}, not {SECRET_TYPE}",
+                secret.type_
+            ));
+        }
+        let data: BTreeMap<String, String> = secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| {
+                String::from_utf8(v.0.clone())
+                    .map(|v| (k.clone(), v))
+                    .map_err(|_| format!("key {k} is not UTF-8"))
+            })
+            .collect::<Result<_, _>>()?;
+        TokenRecord::from_data(&data)
+    }
+}
+
 /// `k=v,k2=v2`
 pub fn render_labels(labels: &BTreeMap<String, String>) -> String {
     labels
@@ -534,6 +583,23 @@ mod tests {
             let err = TokenRecord::from_data(&bad).unwrap_err();
             assert!(err.contains(want), "{key}: {err}");
         }
+    }
+
+    #[cfg(feature = "kube")]
+    #[test]
+    fn records_round_trip_through_secrets() {
+        let t = Token::generate().unwrap();
+        let r = TokenRecord::boot(&t, mac(7), now(), time::Duration::minutes(15));
+        let s = r.to_secret("tether-system");
+        assert_eq!(
+            s.metadata.name.as_deref(),
+            Some(secret_name(t.id()).as_str())
+        );
+        assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
+        assert_eq!(TokenRecord::from_secret(&s).unwrap(), r);
+        let mut wrong = s.clone();
+        wrong.type_ = Some("Opaque".into());
+        assert!(TokenRecord::from_secret(&wrong).is_err());
     }
 
     #[test]
