@@ -1,9 +1,21 @@
 //! `tether-agent`: the program every worker node runs under systemd.
 //!
-//! Today it holds the systemd D-Bus client the agent uses to start what it installs; the
-//! enrollment, join, tunnel and upgrade logic arrive with their issues.
+//! Pure parts with table tests: [`inputs`] (where the first-contact inputs come from),
+//! [`facts`], [`identity`] (state directory, renewal point), [`clock`], [`enroll::Phase`].
+//! Edges, kept thin: [`api`] (the machine API over HTTPS), [`tls`] (pinned first contact,
+//! mTLS after), [`systemd`] (D-Bus), [`notify`] (sd_notify), [`service`] (the loop).
 
+pub mod api;
+pub mod clock;
+pub mod enroll;
 pub mod error;
+pub mod facts;
+pub mod fs;
+pub mod identity;
+pub mod inputs;
+pub mod notify;
+pub mod service;
 pub mod systemd;
+pub mod tls;
 
 pub use error::Error;

@@ -1,6 +1,14 @@
 //! `tether-agent` command line.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+use tether_agent::identity::{DEFAULT_STATE_DIR, StateDir};
+use tether_agent::notify::Notifier;
+use tether_agent::service::Service;
+use tether_agent::{enroll, facts, inputs};
+use tether_boot::seed::Seed;
 use tether_telemetry::LogArgs;
 
 /// The Tether node agent: enrolls this machine, joins it to its cluster and keeps it upgraded.
@@ -15,26 +23,102 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent (what the systemd unit starts). For now it announces its version and
-    /// stays up until stopped; enrollment and join arrive with their issues.
-    Run,
+    /// The service (what the systemd unit starts): enroll if needed, then long-poll the
+    /// desired config, report status and renew the certificate until stopped.
+    Run {
+        /// Where the machine key and certificate live.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Enroll once and exit: 0 when enrolled (or already enrolled), non-zero with the reason.
+    /// Without --api/--ca-pin/--token the inputs are found as `run` finds them.
+    Enroll {
+        /// Machine API base URL.
+        #[arg(long, requires_all = ["ca_pin", "token"])]
+        api: Option<String>,
+        /// The machine API CA's pin, sha256:<hex>.
+        #[arg(long, requires_all = ["api", "token"])]
+        ca_pin: Option<String>,
+        /// Enrollment token <id>.<secret>.
+        #[arg(long, requires_all = ["api", "ca_pin"])]
+        token: Option<String>,
+        /// Where the machine key and certificate live.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Print the facts the agent reports (JSON) and where its inputs come from.
+    Facts,
+}
+
+fn seed(
+    api: Option<String>,
+    pin: Option<String>,
+    token: Option<String>,
+) -> Result<Option<Seed>, String> {
+    let (Some(api), Some(pin), Some(token)) = (api, pin, token) else {
+        return Ok(None);
+    };
+    let pin = pin.parse().map_err(|e: tether_boot::Error| e.to_string())?;
+    let token = token
+        .parse()
+        .map_err(|e: tether_boot::Error| e.to_string())?;
+    Seed::new(&api, pin, token)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init();
-    match cli.command {
-        Command::Run => {
+    let root = PathBuf::from("/");
+    let result: Result<(), String> = match cli.command {
+        Command::Run { state_dir } => {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "tether-agent started");
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("install SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+            Service {
+                root,
+                state: StateDir::new(state_dir),
+                notify: Notifier::default(),
             }
-            tracing::info!("tether-agent stopping");
+            .run()
+            .await
+            .map_err(|e| e.to_string())
+        }
+        Command::Enroll {
+            api,
+            ca_pin,
+            token,
+            state_dir,
+        } => {
+            let state = StateDir::new(state_dir);
+            match (seed(api, ca_pin, token), state.load()) {
+                (Err(e), _) => Err(e),
+                (_, Ok(Some(id))) => {
+                    println!("already enrolled as {}", id.enrolled.machine);
+                    Ok(())
+                }
+                (Ok(seed), _) => enroll::enroll(&root, &state, seed)
+                    .await
+                    .map(|id| println!("enrolled as {}", id.enrolled.machine))
+                    .map_err(|e| e.to_string()),
+            }
+        }
+        Command::Facts => {
+            let boot = inputs::boot_params(&root).unwrap_or_default();
+            let f = facts::gather(&root, &boot, &facts::live_addresses());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&f).expect("facts serialize")
+            );
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tether-agent: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -71,7 +71,7 @@ impl Systemd {
             .await
             .map_err(|source| Error::Systemd {
                 action: "connect to the system bus".into(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(Systemd { conn })
     }
@@ -86,7 +86,7 @@ impl Systemd {
             .await
             .map_err(|source| Error::Systemd {
                 action: "create manager proxy".into(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -98,7 +98,7 @@ impl Systemd {
             .await
             .map_err(|source| Error::Systemd {
                 action: "read SystemState".into(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -110,7 +110,7 @@ impl Systemd {
             .await
             .map_err(|source| Error::Systemd {
                 action: "reload unit files".into(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -120,7 +120,10 @@ impl Systemd {
         let manager = self.manager().await?;
         let err = |action: &str| {
             let action = format!("{action} {unit}");
-            move |source| Error::Systemd { action, source }
+            move |source| Error::Systemd {
+                action,
+                source: Box::new(source),
+            }
         };
         match manager.subscribe().await {
             // systemd keeps one subscription per connection; a second request is harmless.
@@ -145,7 +148,7 @@ impl Systemd {
             }
             Err(Error::Systemd {
                 action: format!("wait for job of {unit}"),
-                source: zbus::Error::Failure("signal stream ended".into()),
+                source: Box::new(zbus::Error::Failure("signal stream ended".into())),
             })
         };
         let result = tokio::time::timeout(timeout, wait)
@@ -168,7 +171,10 @@ impl Systemd {
     pub async fn active_state(&self, unit: &str) -> Result<String, Error> {
         let err = |action: &str| {
             let action = format!("{action} {unit}");
-            move |source| Error::Systemd { action, source }
+            move |source| Error::Systemd {
+                action,
+                source: Box::new(source),
+            }
         };
         let path = self
             .manager()

@@ -20,6 +20,8 @@ use crate::error::{Error, Result};
 
 /// Where the image's trusted public key lives inside the rootfs.
 pub const PUBLIC_KEY_PATH: &str = "usr/share/tether/image-signing.pub";
+/// Where the image's version lives inside the rootfs (what the agent reports).
+pub const IMAGE_VERSION_PATH: &str = "usr/share/tether/version";
 
 /// One artifact as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

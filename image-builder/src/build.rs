@@ -336,7 +336,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
 
     let t = Instant::now();
     copy_tree(&base, &tree)?;
-    customize_tree(&tree, &agent_bin, &unit_files, &key, &kernel_dir, &kver)?;
+    customize_tree(
+        &tree,
+        &spec.version,
+        &agent_bin,
+        &unit_files,
+        &key,
+        &kernel_dir,
+        &kver,
+    )?;
     clamp_mtimes(&tree, epoch)?;
     let installed = installed_packages(&tree)?;
     progress(&mut report, "customize tree", t);
@@ -827,6 +835,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 /// and nothing that makes one boot differ from another or needs apt at run time.
 fn customize_tree(
     tree: &Path,
+    version: &str,
     agent: &[u8],
     units: &BTreeMap<String, Vec<u8>>,
     key: &ed25519_dalek::SigningKey,
@@ -854,6 +863,15 @@ fn customize_tree(
     let wants = p("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants).map_err(Error::io("create", &wants))?;
     let mut enable = vec!["tether-agent.service".to_string()];
+    let sysinit = p("etc/systemd/system/sysinit.target.wants");
+    fs::create_dir_all(&sysinit).map_err(Error::io("create", &sysinit))?;
+    let timesyncd = sysinit.join("systemd-timesyncd.service");
+    let _ = fs::remove_file(&timesyncd);
+    symlink(
+        "/usr/lib/systemd/system/systemd-timesyncd.service",
+        &timesyncd,
+    )
+    .map_err(Error::io("link", &timesyncd))?;
     if units.keys().any(|n| n.ends_with(".network")) {
         enable.push("systemd-networkd.service".into());
     }
@@ -888,9 +906,13 @@ fn customize_tree(
     let pubkey_path = p(manifest::PUBLIC_KEY_PATH);
     fs::create_dir_all(pubkey_path.parent().expect("has parent"))
         .map_err(Error::io("create", &pubkey_path))?;
-    use base64::Engine;
-    let public = base64::engine::general_purpose::STANDARD.encode(key.verifying_key().to_bytes());
+    let public = manifest::public_key_text(key);
     write_file(&pubkey_path, format!("{public}\n").as_bytes())?;
+    // What the agent reports as the image it runs.
+    write_file(
+        &p(manifest::IMAGE_VERSION_PATH),
+        format!("{version}\n").as_bytes(),
+    )?;
 
     // Run-time state that must not be baked in: apt's indexes and caches, logs, backups.
     for rel in [

@@ -23,6 +23,9 @@ pub const BASE_PACKAGES: &[&str] = &[
     "iproute2",
     "kmod",
     "ca-certificates",
+    // TLS needs a sane clock: NTP servers come from DHCP through networkd (DESIGN.md "The
+    // node contract"); the agent waits for a plausible clock before enrolling.
+    "systemd-timesyncd",
     // Build inputs of the initramfs (taken from the image's own packages, so they are
     // pinned with it); veritysetup also lets the agent check a new A/B slot.
     "busybox-static",

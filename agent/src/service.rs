@@ -1,0 +1,277 @@
+//! `tether-agent run`: the service. Enroll if needed, then keep the machine's side of the
+//! contract: long-poll the desired config, report status every `reportSeconds`, renew the
+//! certificate at two thirds of its life. If the API stops accepting the certificate (the
+//! Machine was deleted), the enrollment is forgotten and the agent enrolls again.
+//!
+//! Failures are retried with jittered exponential backoff; nothing here exits on a network
+//! error. SIGTERM ends the loop.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tether_api::machine::MachinePhase;
+use tether_api::machine_api::{Reason, StatusReport};
+
+use crate::api::MachineApi;
+use crate::enroll;
+use crate::error::{Error, Result};
+use crate::identity::{self, Enrolled, Identity, StateDir};
+use crate::notify::Notifier;
+
+/// Longest a config long-poll waits on the server.
+pub const LONG_POLL: Duration = Duration::from_secs(30);
+/// Status interval until the operator says otherwise.
+const DEFAULT_REPORT: Duration = Duration::from_secs(15);
+
+/// Where the service runs.
+pub struct Service {
+    /// `/` on a node; a tree in tests.
+    pub root: PathBuf,
+    /// The state directory.
+    pub state: StateDir,
+    /// systemd notifications.
+    pub notify: Notifier,
+}
+
+/// Backoff: 1 s doubling to `cap`, with ±20 % jitter.
+pub fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.min(10)).min(cap);
+    let jitter = (nanos() % 400) as f64 / 1000.0 + 0.8;
+    base.mul_f64(jitter)
+}
+
+fn nanos() -> u32 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+/// Why the enrolled loop returned.
+enum Exit {
+    /// The certificate is no longer accepted: enroll again.
+    Revoked(String),
+}
+
+impl Service {
+    /// Runs until SIGTERM/SIGINT.
+    pub async fn run(&self) -> Result<()> {
+        self.notify.ready();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(Error::io("install", "SIGTERM handler"))?;
+        tokio::select! {
+            r = self.main_loop() => r,
+            _ = term.recv() => { self.notify.stopping(); tracing::info!("SIGTERM: stopping"); Ok(()) }
+            _ = tokio::signal::ctrl_c() => { self.notify.stopping(); Ok(()) }
+        }
+    }
+
+    async fn main_loop(&self) -> Result<()> {
+        loop {
+            let id = self.enrolled_identity().await;
+            match self.serve(id).await {
+                Exit::Revoked(why) => {
+                    tracing::warn!(
+                        "the machine API no longer accepts this machine's certificate ({why}); enrolling again"
+                    );
+                    self.state.forget()?;
+                }
+            }
+        }
+    }
+
+    /// The saved identity, or a new one from enrollment (retried until it succeeds).
+    async fn enrolled_identity(&self) -> Identity {
+        let mut attempt = 0;
+        loop {
+            match self.state.load() {
+                Ok(Some(id)) => {
+                    tracing::info!(machine = %id.enrolled.machine, "enrolled identity found in {}", self.state.path().display());
+                    return id;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("reading the state directory: {e}"),
+            }
+            self.notify.status("enrolling");
+            match enroll::enroll(&self.root, &self.state, None).await {
+                Ok(id) => return id,
+                Err(e) => {
+                    let cap = if e.retriable() {
+                        Duration::from_secs(60)
+                    } else {
+                        Duration::from_secs(300)
+                    };
+                    let wait = backoff(attempt, cap);
+                    tracing::error!(retry_in_s = wait.as_secs(), "enrollment failed: {e}");
+                    self.notify.status(&format!("enrollment failed: {e}"));
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// The enrolled loop: long-poll, report, renew.
+    async fn serve(&self, mut id: Identity) -> Exit {
+        let machine = id.enrolled.machine.clone();
+        let mut api = match MachineApi::mutual(&id.enrolled.api, &id) {
+            Ok(a) => a,
+            Err(e) => return Exit::Revoked(format!("cannot use the saved identity: {e}")),
+        };
+        self.notify.status(&format!("enrolled as {machine}"));
+        let mut generation = 0i64;
+        let mut report_every = DEFAULT_REPORT;
+        let mut report_at = tokio::time::Instant::now();
+        let mut failures = 0u32;
+        let mut poll = Box::pin(poll_config(
+            api.clone(),
+            machine.clone(),
+            generation,
+            Duration::ZERO,
+        ));
+        loop {
+            let renew_in = id
+                .renew_at()
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::select! {
+                r = &mut poll => {
+                    match r {
+                        Ok(config) => {
+                            failures = 0;
+                            if config.generation != generation {
+                                tracing::info!(generation = config.generation, phase = ?config.phase, pool = ?config.pool, "desired config");
+                            }
+                            generation = config.generation;
+                            report_every = Duration::from_secs(config.report_seconds.max(1).into());
+                            self.notify.beat();
+                            poll = Box::pin(poll_config(api.clone(), machine.clone(), generation, Duration::ZERO));
+                        }
+                        Err(e) => {
+                            if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
+                            let wait = backoff(failures, Duration::from_secs(30));
+                            failures += 1;
+                            tracing::warn!(retry_in_s = wait.as_secs(), "config long-poll: {e}");
+                            self.notify.beat();
+                            poll = Box::pin(poll_config(api.clone(), machine.clone(), generation, wait));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(report_at) => {
+                    self.notify.beat();
+                    match api.status(&machine, &self.report(&id)).await {
+                        Ok(_) => {}
+                        Err(e) => {
+                            if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
+                            tracing::warn!("status report: {e}");
+                        }
+                    }
+                    report_at = tokio::time::Instant::now() + report_every;
+                }
+                _ = tokio::time::sleep(renew_in) => {
+                    match self.renew(&api, &id).await {
+                        Ok(new) => {
+                            tracing::info!(not_after = ?new.not_after, "machine certificate renewed");
+                            id = new;
+                            match MachineApi::mutual(&id.enrolled.api, &id) {
+                                Ok(a) => api = a,
+                                Err(e) => return Exit::Revoked(format!("cannot use the renewed identity: {e}")),
+                            }
+                            poll = Box::pin(poll_config(api.clone(), machine.clone(), generation, Duration::ZERO));
+                        }
+                        Err(e) => {
+                            if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
+                            tracing::warn!("certificate renewal: {e}; retrying in 30 s");
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn report(&self, id: &Identity) -> StatusReport {
+        let _ = id;
+        StatusReport {
+            phase: Some(MachinePhase::Enrolled),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            image_version: image_version(&self.root),
+            boot_slot: crate::inputs::boot_params(&self.root)
+                .ok()
+                .and_then(|b| b.slot)
+                .map(|s| s.to_string()),
+            conditions: Vec::new(),
+        }
+    }
+
+    /// A new key and certificate; the old key stays until the new certificate is saved.
+    async fn renew(&self, api: &MachineApi, id: &Identity) -> Result<Identity> {
+        let key = self.state.next_key()?;
+        let resp = api
+            .renew(&id.enrolled.machine, identity::csr(&key)?)
+            .await?;
+        self.state.save(
+            &Enrolled {
+                api: id.enrolled.api.clone(),
+                machine: resp.machine,
+                certificate: resp.certificate,
+                ca: resp.ca,
+            },
+            &key,
+        )
+    }
+}
+
+/// One long-poll, after waiting `delay` (the backoff after a failure).
+async fn poll_config(
+    api: MachineApi,
+    machine: String,
+    after: i64,
+    delay: Duration,
+) -> Result<tether_api::machine_api::DesiredConfig> {
+    tokio::time::sleep(delay).await;
+    api.config(&machine, after, LONG_POLL).await
+}
+
+/// A refusal that means this identity is over.
+fn revoked(e: &Error) -> Option<String> {
+    match e {
+        Error::Refused { error, .. }
+            if matches!(
+                error.reason,
+                Reason::Forbidden | Reason::CertificateRequired
+            ) =>
+        {
+            Some(error.to_string())
+        }
+        _ => None,
+    }
+}
+
+/// The image version baked into the rootfs by tether-image.
+pub fn image_version(root: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(crate::inputs::under(
+        root,
+        tether_boot::manifest::IMAGE_VERSION_PATH,
+    ))
+    .ok()
+    .map(|s| s.trim().to_string())
+    .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        for attempt in 0..20 {
+            let d = backoff(attempt, Duration::from_secs(60));
+            let base = Duration::from_secs(1u64 << attempt.min(10)).min(Duration::from_secs(60));
+            assert!(
+                d >= base.mul_f64(0.8) && d <= base.mul_f64(1.2),
+                "{attempt}: {d:?}"
+            );
+        }
+    }
+}
