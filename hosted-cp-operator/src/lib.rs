@@ -14,6 +14,8 @@ pub mod crds;
 pub mod datastore;
 pub mod error;
 pub mod kubeconfig;
+pub mod machine_api;
+pub mod machines;
 pub mod pki;
 pub mod render;
 pub mod runtime;

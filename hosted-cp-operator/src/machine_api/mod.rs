@@ -1,0 +1,239 @@
+//! The machine API: the HTTPS endpoint agents talk to (types and paths in
+//! `tether_api::machine_api`).
+//!
+//! - TLS with the API's own CA ([`certs`]); client certificates are optional at the
+//!   handshake (enrollment has none) and required by every `/v1/machines/…` endpoint, where
+//!   a certificate reaches only its own Machine, and only while that Machine exists and
+//!   records that certificate (deleting the Machine revokes it).
+//! - `POST /v1/enroll` ([`enroll`]): token + CSR + facts → machine certificate.
+//! - `GET …/config` long-polls the desired config, `POST …/status` records reports,
+//!   `POST …/renew` signs a new key ([`node`]).
+//! - Bodies are limited to [`MAX_BODY`] bytes, enrollment is rate-limited
+//!   ([`ratelimit`]), and every refusal is an HTTP status with a JSON
+//!   `tether_api::machine_api::ApiError` body.
+//!
+//! The URL and CA pin are published in the ConfigMap `tether-system/tether-machine-api`,
+//! where tether-pxe and `token create --user-data` read them.
+
+pub mod certs;
+pub mod enroll;
+mod http;
+pub mod inventory;
+pub mod node;
+pub mod ratelimit;
+pub mod tokens;
+mod waiters;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL};
+use tether_boot::CaPin;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+use certs::Ca;
+use ratelimit::TokenBucket;
+use tokens::Tokens;
+use waiters::Waiters;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Field manager of the API's writes.
+pub const MANAGER: &str = "tether-machine-api";
+
+/// How the machine API runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The URL nodes use (`https://<advertise address>:<port>`), published and put in the
+    /// serving certificate.
+    pub url: String,
+    /// Machine certificate lifetime (renewed by the agent at two thirds).
+    pub cert_lifetime: time::Duration,
+    /// How often agents report; a machine is unreachable after three missed reports.
+    pub report_seconds: u32,
+    /// Enrollments per second, on average.
+    pub enroll_rate: f64,
+    /// Enrollments in a burst.
+    pub enroll_burst: u32,
+}
+
+impl Settings {
+    /// Defaults for `listen` and `url`: 30-day certificates, 15 s reports, 20 enrollments a
+    /// second with bursts of 50.
+    pub fn new(listen: SocketAddr, url: String) -> Settings {
+        Settings {
+            listen,
+            url,
+            cert_lifetime: time::Duration::days(30),
+            report_seconds: 15,
+            enroll_rate: 20.0,
+            enroll_burst: 50,
+        }
+    }
+}
+
+/// The running API's shared state.
+pub struct Server {
+    client: kube::Client,
+    namespace: String,
+    settings: Settings,
+    ca: Ca,
+    tokens: Tokens,
+    limiter: Mutex<TokenBucket>,
+    recorder: kube::runtime::events::Recorder,
+    waiters: Waiters,
+}
+
+/// A started machine API.
+pub struct Running {
+    /// The published URL.
+    pub url: String,
+    /// The published pin.
+    pub pin: CaPin,
+    /// Where it actually listens (the port, when `listen` asked for 0).
+    pub local_addr: SocketAddr,
+    /// The accept loop; it ends only on shutdown or with the error that killed it.
+    pub task: JoinHandle<Result<(), Error>>,
+}
+
+/// Ensures the CA, publishes URL and pin, binds, and serves until `shutdown` is true.
+pub async fn start(
+    client: kube::Client,
+    namespace: &str,
+    settings: Settings,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Running, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let ca = Ca::ensure(&secrets).await?;
+    let pin = ca.pin()?;
+    let (dns, ips) = serving_names(&settings.url)?;
+    let (chain, key) = ca.serving(&dns, &ips)?;
+    let tls = http::server_tls(&ca.cert_pem, &chain, &key)?;
+    let listener = TcpListener::bind(settings.listen).await.map_err(Error::io(
+        "bind the machine API on",
+        settings.listen.to_string(),
+    ))?;
+    let local_addr = listener.local_addr().map_err(Error::io(
+        "read the address of",
+        settings.listen.to_string(),
+    ))?;
+    publish(&client, namespace, &settings.url, &pin).await?;
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "tether-machine-api".into(),
+            instance: None,
+        },
+    );
+    let server = Arc::new(Server {
+        tokens: Tokens::new(client.clone(), namespace),
+        limiter: Mutex::new(TokenBucket::new(
+            settings.enroll_rate,
+            settings.enroll_burst,
+            Instant::now(),
+        )),
+        namespace: namespace.to_string(),
+        client: client.clone(),
+        settings: settings.clone(),
+        ca,
+        recorder,
+        waiters: Waiters::default(),
+    });
+    waiters::spawn_watch(client, server.clone());
+    tracing::info!(url = %settings.url, listen = %local_addr, %pin, "machine API serving");
+    let task = tokio::spawn(http::serve(listener, tls, server, shutdown));
+    Ok(Running {
+        url: settings.url,
+        pin,
+        local_addr,
+        task,
+    })
+}
+
+/// The host of `url` as a DNS name or an IP, plus loopback for local checks.
+fn serving_names(url: &str) -> Result<(Vec<String>, Vec<IpAddr>), Error> {
+    let uri: ::http::Uri = url
+        .parse()
+        .map_err(|e| Error::Invalid(format!("machine API URL {url:?}: {e}")))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(Error::Invalid(format!(
+            "machine API URL {url:?} must be https://"
+        )));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::Invalid(format!("machine API URL {url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let mut dns = vec!["localhost".to_string()];
+    let mut ips: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 1])];
+    match host.parse::<IpAddr>() {
+        Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+        Ok(_) => {}
+        Err(_) => dns.push(host.to_string()),
+    }
+    Ok((dns, ips))
+}
+
+/// Writes the ConfigMap nodes' helpers read (tether-pxe, `token create --user-data`).
+async fn publish(
+    client: &kube::Client,
+    namespace: &str,
+    url: &str,
+    pin: &CaPin,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": CONFIG_MAP, "namespace": namespace},
+        "data": {KEY_URL: url, KEY_CA_PIN: pin.to_string()},
+    });
+    api.patch(
+        CONFIG_MAP,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await
+    .map_err(Error::kube(format!("apply ConfigMap {CONFIG_MAP}")))?;
+    Ok(())
+}
+
+impl Server {
+    /// Takes an enrollment slot or says how long to wait.
+    fn admit_enrollment(&self) -> Result<(), Duration> {
+        self.limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_names_from_urls() {
+        let (dns, ips) = serving_names("https://10.9.0.1:9443").unwrap();
+        assert_eq!(dns, ["localhost"]);
+        assert_eq!(
+            ips,
+            [IpAddr::from([127, 0, 0, 1]), IpAddr::from([10, 9, 0, 1])]
+        );
+        let (dns, _) = serving_names("https://api.site.example:9443/").unwrap();
+        assert_eq!(dns, ["localhost", "api.site.example"]);
+        let (_, ips) = serving_names("https://[fd00::1]:9443").unwrap();
+        assert_eq!(ips[1], "fd00::1".parse::<IpAddr>().unwrap());
+        assert!(serving_names("http://10.0.0.1").is_err());
+        assert!(serving_names("not a url").is_err());
+    }
+}

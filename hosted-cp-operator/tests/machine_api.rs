@@ -1,0 +1,567 @@
+//! The machine API against a real kube-apiserver + etcd, with the real agent library on the
+//! other side (each "node" is a directory tree standing in for `/proc` and `/sys`, plus its
+//! own state directory). Every refusal asserts its reason and that nothing was created or
+//! spent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tether_agent::api::MachineApi;
+use tether_agent::identity::{Identity, StateDir};
+use tether_api::machine::AGENT_REACHABLE;
+use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL, NAMESPACE, Reason, StatusReport};
+use tether_api::token::{self, TokenRecord};
+use tether_api::{Machine, MachinePhase};
+use tether_boot::seed::Seed;
+use tether_boot::{CaPin, Mac, Token};
+use tether_operator::machine_api::{self, Running, Settings, tokens::Tokens};
+use tether_testkit::TestCluster;
+use tokio::sync::watch;
+
+struct Env {
+    _cluster: TestCluster,
+    client: kube::Client,
+    running: Running,
+    _stop: watch::Sender<bool>,
+    nodes: tempfile::TempDir,
+}
+
+async fn env(tweak: impl FnOnce(&mut Settings)) -> Env {
+    let cluster = TestCluster::start()
+        .await
+        .expect("start kube-apiserver + etcd");
+    let client = cluster.client();
+    tether_operator::standalone::install_crds(&client)
+        .await
+        .unwrap();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": NAMESPACE}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let port = tether_testkit::ports::free_port();
+    let mut settings = Settings::new(
+        ([127, 0, 0, 1], port).into(),
+        format!("https://127.0.0.1:{port}"),
+    );
+    tweak(&mut settings);
+    let (stop, rx) = watch::channel(false);
+    let running = machine_api::start(client.clone(), NAMESPACE, settings, rx)
+        .await
+        .expect("start the machine API");
+    Env {
+        _cluster: cluster,
+        client,
+        running,
+        _stop: stop,
+        nodes: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Env {
+    /// A node's tree: `/proc/cmdline` naming its boot MAC.
+    fn node(&self, mac: &str) -> (std::path::PathBuf, StateDir) {
+        let root = self.nodes.path().join(mac.replace(':', ""));
+        std::fs::create_dir_all(root.join("proc")).unwrap();
+        std::fs::write(
+            root.join("proc/cmdline"),
+            format!("console=ttyS0 tether.mac={mac}\n"),
+        )
+        .unwrap();
+        let state = StateDir::new(root.join("state"));
+        (root, state)
+    }
+
+    fn seed(&self, token: &Token) -> Seed {
+        Seed::new(&self.running.url, self.running.pin, token.clone()).unwrap()
+    }
+
+    async fn join_token(&self, uses: Option<u32>) -> Token {
+        Tokens::new(self.client.clone(), NAMESPACE)
+            .create_join(
+                NAMESPACE,
+                time::Duration::hours(1),
+                uses,
+                None,
+                BTreeMap::new(),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn put_record(&self, record: &TokenRecord) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), NAMESPACE);
+        secrets
+            .create(&PostParams::default(), &record.to_secret(NAMESPACE))
+            .await
+            .unwrap();
+    }
+
+    async fn boot_token(&self, mac: &str) -> Token {
+        let t = Token::generate().unwrap();
+        let m: Mac = mac.parse().unwrap();
+        self.put_record(&TokenRecord::boot(
+            &t,
+            m,
+            time::OffsetDateTime::now_utc(),
+            time::Duration::minutes(15),
+        ))
+        .await;
+        t
+    }
+
+    async fn record(&self, id: &str) -> TokenRecord {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), NAMESPACE);
+        TokenRecord::from_secret(&secrets.get(&token::secret_name(id)).await.unwrap()).unwrap()
+    }
+
+    async fn machines(&self) -> Vec<Machine> {
+        let api: Api<Machine> = Api::all(self.client.clone());
+        api.list(&ListParams::default()).await.unwrap().items
+    }
+
+    async fn machine(&self, name: &str) -> Machine {
+        let api: Api<Machine> = Api::all(self.client.clone());
+        api.get(name).await.unwrap()
+    }
+
+    async fn enroll(
+        &self,
+        root: &Path,
+        state: &StateDir,
+        seed: Seed,
+    ) -> Result<Identity, tether_agent::Error> {
+        tether_agent::enroll::enroll(root, state, Some(seed)).await
+    }
+
+    /// A raw POST to /v1/enroll over pinned TLS (for bodies the agent would never send).
+    async fn raw_enroll(&self, body: Vec<u8>) -> (u16, serde_json::Value) {
+        let verifier = tether_agent::tls::PinnedVerifier::new(self.running.pin);
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tether_agent::tls::pinned(verifier).unwrap())
+            .build()
+            .unwrap();
+        let r = client
+            .post(format!("{}/v1/enroll", self.running.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+}
+
+fn reason_of(e: &tether_agent::Error) -> Option<Reason> {
+    match e {
+        tether_agent::Error::Refused { error, .. } => Some(error.reason),
+        _ => None,
+    }
+}
+
+fn report() -> StatusReport {
+    StatusReport {
+        phase: Some(MachinePhase::Enrolled),
+        agent_version: "test".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_long_poll_status_renewal_and_revocation() {
+    let env = env(|_| {}).await;
+
+    // Published where tether-pxe and `token create --user-data` read it.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let cm = cms.get(CONFIG_MAP).await.unwrap().data.unwrap();
+    assert_eq!(cm[KEY_URL], env.running.url);
+    assert_eq!(cm[KEY_CA_PIN].parse::<CaPin>().unwrap(), env.running.pin);
+
+    let token = env.join_token(Some(3)).await;
+    let (root_a, state_a) = env.node("52:54:00:00:0a:01");
+    let started = Instant::now();
+    let a = env
+        .enroll(&root_a, &state_a, env.seed(&token))
+        .await
+        .expect("node A enrolls");
+    eprintln!("enrollment took {:?}", started.elapsed());
+    assert_eq!(a.enrolled.machine, "mac-525400000a01");
+    let m = env.machine("mac-525400000a01").await;
+    let st = m.status.clone().unwrap();
+    assert_eq!(st.phase, MachinePhase::Enrolled);
+    assert_eq!(
+        st.facts.unwrap().boot_mac.as_deref(),
+        Some("52:54:00:00:0a:01")
+    );
+    assert_eq!(st.certificate.as_ref().unwrap().pem, a.enrolled.certificate);
+    assert_eq!(
+        m.metadata.labels.unwrap()[tether_api::machine::MAC_LABEL],
+        "52-54-00-00-0a-01"
+    );
+    assert_eq!(env.record(token.id()).await.uses_left, Some(2));
+
+    // Killed after the token was spent, before the certificate was saved: the retry with
+    // the same key gets the same certificate, and the token is not spent twice.
+    state_a.forget().unwrap();
+    let again = env
+        .enroll(&root_a, &state_a, env.seed(&token))
+        .await
+        .expect("replay");
+    assert_eq!(again.enrolled.certificate, a.enrolled.certificate);
+    assert_eq!(
+        env.record(token.id()).await.uses_left,
+        Some(2),
+        "a replay spends nothing"
+    );
+    assert_eq!(env.machines().await.len(), 1);
+
+    // Long-poll: answers at once for an old generation, then waits for a change.
+    let api_a = MachineApi::mutual(&a.enrolled.api, &a).unwrap();
+    let cfg = api_a
+        .config("mac-525400000a01", -1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let gen0 = cfg.generation;
+    let poll = {
+        let api_a = api_a.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let c = api_a
+                .config("mac-525400000a01", gen0, Duration::from_secs(30))
+                .await;
+            (c, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let machines: Api<Machine> = Api::all(env.client.clone());
+    machines
+        .patch(
+            "mac-525400000a01",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"image": "tether-0-2-0"}})),
+        )
+        .await
+        .unwrap();
+    let (cfg, took) = poll.await.unwrap();
+    let cfg = cfg.unwrap();
+    eprintln!("long-poll answered {took:?} after it started (change made at ~300 ms)");
+    assert!(cfg.generation > gen0);
+    assert_eq!(cfg.image.as_deref(), Some("tether-0-2-0"));
+    assert!(
+        took < Duration::from_secs(10),
+        "the change woke the long-poll: {took:?}"
+    );
+
+    // Status: lastSeen, agent version, AgentReachable.
+    api_a.status("mac-525400000a01", &report()).await.unwrap();
+    let st = env.machine("mac-525400000a01").await.status.unwrap();
+    assert!(st.last_seen.is_some());
+    assert_eq!(st.agent_version.as_deref(), Some("test"));
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == AGENT_REACHABLE && c.status == "True")
+    );
+
+    // Renewal: a new key, a new certificate; the old one works until the new one is used.
+    let next = state_a.next_key().unwrap();
+    let resp = api_a
+        .renew(
+            "mac-525400000a01",
+            tether_agent::identity::csr(&next).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_ne!(resp.certificate, a.enrolled.certificate);
+    let repeat = api_a
+        .renew(
+            "mac-525400000a01",
+            tether_agent::identity::csr(&next).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        repeat.certificate, resp.certificate,
+        "the same key gets the same certificate"
+    );
+    let renewed = state_a
+        .save(
+            &tether_agent::identity::Enrolled {
+                api: a.enrolled.api.clone(),
+                machine: resp.machine.clone(),
+                certificate: resp.certificate.clone(),
+                ca: resp.ca.clone(),
+            },
+            &next,
+        )
+        .unwrap();
+    api_a
+        .config("mac-525400000a01", -1, Duration::from_secs(1))
+        .await
+        .expect("the old certificate still works");
+    let api_a2 = MachineApi::mutual(&renewed.enrolled.api, &renewed).unwrap();
+    api_a2
+        .status("mac-525400000a01", &report())
+        .await
+        .expect("the new certificate works");
+    let err = api_a
+        .config("mac-525400000a01", -1, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason_of(&err),
+        Some(Reason::Forbidden),
+        "replaced once the new one was used: {err}"
+    );
+
+    // Node B; A's certificate cannot reach B's endpoints.
+    let (root_b, state_b) = env.node("52:54:00:00:0b:01");
+    let b = env
+        .enroll(&root_b, &state_b, env.seed(&token))
+        .await
+        .expect("node B enrolls");
+    let err = api_a2
+        .config(&b.enrolled.machine, -1, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::Forbidden), "{err}");
+    let err = api_a2
+        .status(&b.enrolled.machine, &report())
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::Forbidden), "{err}");
+
+    // Deleting B revokes its certificate.
+    let api_b = MachineApi::mutual(&b.enrolled.api, &b).unwrap();
+    api_b.status(&b.enrolled.machine, &report()).await.unwrap();
+    machines
+        .delete(&b.enrolled.machine, &DeleteParams::default())
+        .await
+        .unwrap();
+    let err = api_b
+        .status(&b.enrolled.machine, &report())
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::Forbidden), "{err}");
+    assert!(err.to_string().contains("no longer exists"), "{err}");
+
+    // Without a certificate: 401.
+    let pinned = MachineApi::pinned(&env.running.url, env.running.pin).unwrap();
+    let err = pinned
+        .config("mac-525400000a01", -1, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::CertificateRequired), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_say_why_and_change_nothing() {
+    let env = env(|_| {}).await;
+    let now = time::OffsetDateTime::now_utc();
+
+    let unchanged = |before: &TokenRecord, after: &TokenRecord| {
+        assert_eq!(before.uses_left, after.uses_left);
+        assert_eq!(before.spent, after.spent);
+    };
+
+    // Expired.
+    let expired = Token::generate().unwrap();
+    env.put_record(&TokenRecord::join(
+        &expired,
+        now - time::Duration::hours(2),
+        time::Duration::hours(1),
+        None,
+        None,
+        BTreeMap::new(),
+    ))
+    .await;
+    let (root, state) = env.node("52:54:00:00:0c:01");
+    let before = env.record(expired.id()).await;
+    let err = env
+        .enroll(&root, &state, env.seed(&expired))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::TokenExpired), "{err}");
+    unchanged(&before, &env.record(expired.id()).await);
+
+    // A boot token from another MAC.
+    let boot = env.boot_token("52:54:00:00:0d:01").await;
+    let (root_other, state_other) = env.node("52:54:00:00:0d:99");
+    let err = env
+        .enroll(&root_other, &state_other, env.seed(&boot))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::TokenWrongMac), "{err}");
+    assert!(err.to_string().contains("52:54:00:00:0d:01"), "{err}");
+
+    // Unknown, and a known id with the wrong secret.
+    let unknown = Token::generate().unwrap();
+    let err = env
+        .enroll(&root, &state, env.seed(&unknown))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::TokenInvalid), "{err}");
+    let forged: Token = format!("{}.0000000000000000", boot.id()).parse().unwrap();
+    let err = env
+        .enroll(&root_other, &state_other, env.seed(&forged))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::TokenInvalid), "{err}");
+
+    // Wrong pin: refused before anything is sent, so the token is not spent.
+    let (root_d, state_d) = env.node("52:54:00:00:0d:01");
+    let before = env.record(boot.id()).await;
+    let wrong_pin = Seed::new(
+        &env.running.url,
+        CaPin::of_spki(b"someone else"),
+        boot.clone(),
+    )
+    .unwrap();
+    let err = env.enroll(&root_d, &state_d, wrong_pin).await.unwrap_err();
+    assert!(
+        matches!(err, tether_agent::Error::Untrusted { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("matches the pin"), "{err}");
+    unchanged(&before, &env.record(boot.id()).await);
+    assert!(
+        env.machines().await.is_empty(),
+        "no refusal created a Machine"
+    );
+
+    // Single use: the right machine enrolls once; a second key is refused.
+    env.enroll(&root_d, &state_d, env.seed(&boot))
+        .await
+        .expect("the bound machine enrolls");
+    let (root_d2, state_d2) = env.node("52:54:00:00:0d:01");
+    std::fs::remove_dir_all(state_d2.path()).ok();
+    let other_key = StateDir::new(root_d2.join("state-2"));
+    let err = env
+        .enroll(&root_d2, &other_key, env.seed(&boot))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::TokenUsedUp), "{err}");
+    assert_eq!(env.machines().await.len(), 1);
+
+    // Garbage bodies.
+    let count = env.machines().await.len();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"not json".to_vec(), 400, "BadRequest"),
+        (
+            br#"{"token":"a","csr":"b","facts":{},"admin":true}"#.to_vec(),
+            400,
+            "BadRequest",
+        ),
+        (vec![b' '; 100_000], 413, "PayloadTooLarge"),
+        (
+            br#"{"token":"nope","csr":"b","facts":{}}"#.to_vec(),
+            403,
+            "TokenMalformed",
+        ),
+        (
+            format!(
+                r#"{{"token":"{boot}","csr":"garbage","facts":{{"bootMac":"52:54:00:00:0d:01"}}}}"#
+            )
+            .into_bytes(),
+            400,
+            "BadRequest",
+        ),
+    ];
+    for (body, status, reason) in cases {
+        let (got, json) = env.raw_enroll(body).await;
+        assert_eq!(got, status, "{json}");
+        assert_eq!(json["reason"], reason, "{json}");
+        assert!(
+            json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{json}"
+        );
+    }
+    assert_eq!(env.machines().await.len(), count, "garbage created nothing");
+
+    // Each refusal left a Warning Event.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), NAMESPACE);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reasons: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter_map(|e| e.reason)
+            .collect();
+        let want = [
+            "TokenExpired",
+            "TokenWrongMac",
+            "TokenInvalid",
+            "TokenUsedUp",
+            "TokenMalformed",
+        ];
+        if want.iter().all(|w| reasons.iter().any(|r| r == w)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "missing Warning Events; have {reasons:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_is_rate_limited_and_silence_is_noticed() {
+    let env = env(|s| {
+        s.enroll_rate = 0.001;
+        s.enroll_burst = 3;
+        s.report_seconds = 1;
+    })
+    .await;
+    tokio::spawn(tether_operator::machines::reachability::run(
+        env.client.clone(),
+        1,
+    ));
+    let token = env.join_token(None).await;
+    let (root, state) = env.node("52:54:00:00:0e:01");
+    env.enroll(&root, &state, env.seed(&token))
+        .await
+        .expect("within the burst");
+    for _ in 0..2 {
+        let (status, _) = env.raw_enroll(b"{}".to_vec()).await;
+        assert_eq!(status, 400);
+    }
+    let (status, json) = env.raw_enroll(b"{}".to_vec()).await;
+    assert_eq!(
+        (status, json["reason"].as_str()),
+        (429, Some("RateLimited")),
+        "{json}"
+    );
+
+    // No reports: AgentReachable turns False after three missed intervals.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = env.machine("mac-525400000e01").await.status.unwrap();
+        if let Some(c) = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == AGENT_REACHABLE && c.status == "False")
+        {
+            assert_eq!(c.reason, "NoRecentReport");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "AgentReachable never went False: {:?}",
+            st.conditions
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
