@@ -197,9 +197,23 @@ impl StateDir {
         })
     }
 
-    /// Drops the enrollment (the API no longer accepts its certificate); the key stays, so a
-    /// new enrollment proves the same key.
+    /// Drops the identity — enrollment *and* keys — because the API no longer accepts its
+    /// certificate (the Machine was deleted): a new enrollment proves a new key, so a replay
+    /// cannot bring back what an administrator removed.
     pub fn forget(&self) -> Result<()> {
+        for name in [ENROLLED, KEY, NEW_KEY] {
+            match std::fs::remove_file(self.file(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", self.file(name))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops only the saved enrollment, keeping the key (what a crash before the save leaves;
+    /// tests use it to stand in for one).
+    pub fn forget_enrollment(&self) -> Result<()> {
         match std::fs::remove_file(self.file(ENROLLED)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -323,8 +337,12 @@ mod tests {
         };
         assert!(s.save(&bad, &key).is_err());
         assert_eq!(s.load().unwrap().unwrap().enrolled, e);
+        s.forget_enrollment().unwrap();
+        assert!(s.load().unwrap().is_none());
+        assert_eq!(s.key().unwrap().serialize_pem(), key.serialize_pem(), "the key stays");
         s.forget().unwrap();
         assert!(s.load().unwrap().is_none());
+        assert_ne!(s.key().unwrap().serialize_pem(), key.serialize_pem(), "a new key after forget");
         s.forget().unwrap();
     }
 

@@ -209,7 +209,7 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
 
     // Killed after the token was spent, before the certificate was saved: the retry with
     // the same key gets the same certificate, and the token is not spent twice.
-    state_a.forget().unwrap();
+    state_a.forget_enrollment().unwrap();
     let again = env
         .enroll(&root_a, &state_a, env.seed(&token))
         .await
