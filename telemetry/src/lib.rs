@@ -36,8 +36,11 @@ impl LogArgs {
         let filter = EnvFilter::try_from_default_env()
             .or_else(|_| EnvFilter::try_new(&self.log_level))
             .unwrap_or_else(|_| EnvFilter::new("info"));
+        // Colours only for a person at a terminal: the journal and log files get plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(ansi)
             .with_writer(std::io::stderr);
         let _ = match self.log_format {
             LogFormat::Human => builder.try_init(),
