@@ -18,6 +18,7 @@ pub mod ports;
 pub mod process;
 pub mod qemu;
 pub mod rootfs;
+pub mod segment;
 pub mod state;
 
 pub use cluster::{ClusterOptions, Etcd, TestCluster};
