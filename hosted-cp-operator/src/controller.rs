@@ -18,27 +18,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{
-    Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, Resource, ResourceExt,
-};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Resource, ResourceExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::watcher;
 use serde_json::json;
 use tether_api::tenant_control_plane::{self as tcpmod, KubeVersion};
-use tether_api::{
-    Condition, DataStore, Driver, TenantControlPlane, TenantControlPlanePhase,
-    TenantControlPlaneStatus,
-};
+use tether_api::{Condition, DataStore, Driver, TenantControlPlane, TenantControlPlanePhase};
 use time::OffsetDateTime;
 
-use crate::bootstrap::{self, BootstrapToken, MANAGER};
+use crate::bootstrap::{self, BootstrapToken};
 use crate::datastore::{self, EtcdAdmin, PgAdmin};
 use crate::error::Error;
+use crate::kube::{
+    self as k, Files, client_from_kubeconfig, condition, merge_conditions, patch_status,
+    read_secret, wait_readyz,
+};
 use crate::kubeconfig::{self, ADMIN};
-use crate::pki::{self, Files, PkiInputs};
+use crate::pki::{self, PkiInputs};
 use crate::render::{self, RenderInputs, Secrets, Storage};
 use crate::runtime::Runtime;
 use crate::runtime::process::SecretData;
@@ -142,61 +140,6 @@ async fn reconcile(tcp: Arc<TenantControlPlane>, ctx: Arc<Context>) -> Result<Ac
     result
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: impl Into<String>,
-    generation: Option<i64>,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: Some(now_rfc3339()),
-        observed_generation: generation,
-    }
-}
-
-fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// Merges `new` conditions into `old`, keeping the transition time of unchanged ones.
-fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
-    let mut out: Vec<Condition> = old.to_vec();
-    for c in new {
-        match out.iter_mut().find(|o| o.type_ == c.type_) {
-            Some(o) if o.status == c.status => {
-                let t = o.last_transition_time.clone();
-                *o = c;
-                o.last_transition_time = t;
-            }
-            Some(o) => *o = c,
-            None => out.push(c),
-        }
-    }
-    out
-}
-
-async fn patch_status(
-    api: &Api<TenantControlPlane>,
-    name: &str,
-    status: &TenantControlPlaneStatus,
-) -> Result<(), Error> {
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await
-    .map_err(Error::kube(format!("update status of {name}")))?;
-    Ok(())
-}
-
 /// Records a refusal: phase NotReady, the condition, nothing else changed.
 async fn refuse(
     ctx: &Context,
@@ -205,16 +148,7 @@ async fn refuse(
     c: Condition,
 ) -> Result<Action, Error> {
     tracing::warn!(tenant = %tcp.name_any(), reason = %c.reason, "{}", c.message);
-    let event = kube::runtime::events::Event {
-        type_: kube::runtime::events::EventType::Warning,
-        reason: c.reason.clone(),
-        note: Some(c.message.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &tcp.object_ref(&())).await {
-        tracing::debug!("publish event: {e}");
-    }
+    k::warn(&ctx.recorder, &tcp.object_ref(&()), &c.reason, &c.message).await;
     let mut status = tcp.status.clone().unwrap_or_default();
     status.conditions = merge_conditions(&status.conditions, vec![c]);
     if status.phase != TenantControlPlanePhase::Ready {
@@ -225,51 +159,15 @@ async fn refuse(
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
-async fn get_secret(api: &Api<Secret>, name: &str) -> Result<Files, Error> {
-    Ok(api
-        .get_opt(name)
-        .await
-        .map_err(Error::kube(format!("get Secret {name}")))?
-        .and_then(|s| s.data)
-        .map(|d| d.into_iter().map(|(k, v)| (k, v.0)).collect())
-        .unwrap_or_default())
-}
-
+/// Applies the tenant's Secret `name`: labelled with the tenant, owned by it.
 async fn apply_secret(
     api: &Api<Secret>,
     tcp: &TenantControlPlane,
     name: &str,
     data: &Files,
 ) -> Result<(), Error> {
-    let owner = tcp.controller_owner_ref(&()).into_iter().collect();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(BTreeMap::from([(TENANT_LABEL.to_string(), tcp.name_any())])),
-            owner_references: Some(owner),
-            ..Default::default()
-        },
-        data: Some(
-            data.iter()
-                .map(|(k, v)| (k.clone(), ByteString(v.clone())))
-                .collect(),
-        ),
-        ..Default::default()
-    };
-    let mut value = serde_json::to_value(&secret).map_err(|source| Error::Json {
-        what: "Secret".into(),
-        source,
-    })?;
-    value["apiVersion"] = json!("v1");
-    value["kind"] = json!("Secret");
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(value),
-    )
-    .await
-    .map_err(Error::kube(format!("apply Secret {name}")))?;
-    Ok(())
+    let labels = BTreeMap::from([(TENANT_LABEL.to_string(), tcp.name_any())]);
+    k::apply_secret(api, name, labels, tcp.controller_owner_ref(&()), data).await
 }
 
 /// The datastore admin for `ds`, with credentials from the operator's namespace.
@@ -283,7 +181,7 @@ async fn datastore_admin(ctx: &Context, ds: &DataStore) -> Result<Admin, Error> 
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let r = r.clone();
         async move {
-            let files = get_secret(&api, &r.name).await?;
+            let files = read_secret(&api, &r.name).await?;
             files.get(&r.key).cloned().ok_or_else(|| {
                 Error::Invalid(format!("Secret {ns}/{} has no key {}", r.name, r.key))
             })
@@ -471,7 +369,7 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         dns_names: dns,
         ips,
     };
-    let existing = get_secret(&secrets_api, &names.pki).await?;
+    let existing = read_secret(&secrets_api, &names.pki).await?;
     let annotations = tcp.metadata.annotations.clone().unwrap_or_default();
     let (rotation, rotation_status) = rotation_step(
         annotations.get(tcpmod::ROTATE_CA_ANNOTATION),
@@ -483,14 +381,14 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
     if changed {
         apply_secret(&secrets_api, tcp, &names.pki, &pki_files).await?;
     }
-    let ca_hash = pki::ca_hash(&pki_files["ca.crt"])?;
+    let ca_hash = crate::x509::ca_hash(&pki_files["ca.crt"])?;
     ctx.time("pki", t);
 
     // 6. Kubeconfigs (admin in its own Secret: that one is handed to users).
     let t = Instant::now();
-    let mut existing = get_secret(&secrets_api, &names.kubeconfigs).await?;
+    let mut existing = read_secret(&secrets_api, &names.kubeconfigs).await?;
     let admin_secret = format!("{name}-admin-kubeconfig");
-    existing.extend(get_secret(&secrets_api, &admin_secret).await?);
+    existing.extend(read_secret(&secrets_api, &admin_secret).await?);
     let (kcs, changed) = kubeconfig::ensure(
         &name,
         &pki_files,
@@ -517,7 +415,7 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
 
     // 7. Datastore carve-out.
     let t = Instant::now();
-    let mut ds_files = get_secret(&secrets_api, &names.datastore).await?;
+    let mut ds_files = read_secret(&secrets_api, &names.datastore).await?;
     let provisioned = status
         .conditions
         .iter()
@@ -528,7 +426,7 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
             let prefix = datastore::etcd_prefix(&ns, &name);
             let valid = ds_files.get("ca.crt") == Some(ca)
                 && ds_files.get("client.crt").is_some_and(|c| {
-                    pki::cert_fresh_and_issued_by(c, ca, OffsetDateTime::now_utc())
+                    crate::x509::cert_fresh_and_issued_by(c, ca, OffsetDateTime::now_utc())
                 });
             // User and role are made once per datastore placement (and again whenever the
             // credentials are re-issued); steady-state reconciles spawn no etcdctl.
@@ -588,7 +486,7 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         render::EGRESS_SELECTOR_KEY.to_string(),
         render::EGRESS_SELECTOR.as_bytes().to_vec(),
     )]);
-    if get_secret(&secrets_api, &names.config).await? != config {
+    if read_secret(&secrets_api, &names.config).await? != config {
         apply_secret(&secrets_api, tcp, &names.config, &config).await?;
     }
 
@@ -666,7 +564,7 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
     // 11. Tenant bootstrap.
     let t = Instant::now();
     let token_secret = format!("{name}-bootstrap-token");
-    let mut tok = get_secret(&secrets_api, &token_secret).await?;
+    let mut tok = read_secret(&secrets_api, &token_secret).await?;
     let token = match tok
         .get("token")
         .and_then(|t| BootstrapToken::parse(&String::from_utf8_lossy(t)))
@@ -691,7 +589,7 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         || upgrading
         || status.endpoint.as_deref() != Some(&endpoint)
     {
-        bootstrap::apply(&tenant, &objs).await?;
+        k::apply_objects(&tenant, &objs).await?;
     }
     ctx.time("bootstrap", t);
 
@@ -865,95 +763,10 @@ pub fn rotation_step(
     }
 }
 
-/// A kube client for a kubeconfig held in memory.
-pub async fn client_from_kubeconfig(yaml: &str) -> Result<kube::Client, Error> {
-    let kc = kube::config::Kubeconfig::from_yaml(yaml)
-        .map_err(|e| Error::Invalid(format!("kubeconfig: {e}")))?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|e| Error::Invalid(format!("kubeconfig: {e}")))?;
-    // Fail fast while a tenant API server is still starting; no read timeout, which would
-    // cut the controller's long-running watches.
-    config.connect_timeout = Some(Duration::from_secs(2));
-    kube::Client::try_from(config).map_err(Error::kube("build client"))
-}
-
-/// Polls `/readyz` until it answers `ok`. Each request is bounded by what is left of
-/// `timeout` (the client has no read timeout, and a stopped-but-listening API server would
-/// otherwise hold the reconcile forever).
-pub async fn wait_readyz(client: &kube::Client, timeout: Duration) -> Result<(), Error> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        let req = http::Request::get("/readyz")
-            .body(Vec::new())
-            .expect("static request");
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, client.request_text(req)).await {
-            Ok(Ok(body)) if body.trim() == "ok" => return Ok(()),
-            Ok(Ok(body)) => last = body,
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = "no answer".into(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(Error::Timeout(format!(
-        "/readyz (last: {})",
-        last.lines().last().unwrap_or_default()
-    )))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tether_api::tenant_control_plane::CaRotationStatus;
-
-    #[tokio::test]
-    async fn readyz_wait_is_bounded_by_a_silent_server() {
-        // A server that completes the TLS handshake and then never answers (what a wedged
-        // API server looks like): `openssl s_server` prints the request and says nothing.
-        let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = pki::new_ca("silent", OffsetDateTime::now_utc()).unwrap();
-        std::fs::write(dir.path().join("c.pem"), cert).unwrap();
-        std::fs::write(dir.path().join("k.pem"), key).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = std::process::Command::new("openssl")
-            .args(["s_server", "-quiet", "-accept"])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["-cert", "c.pem", "-key", "k.pem"])
-            .current_dir(dir.path())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("openssl s_server");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let kc = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user: {{token: x}}\n"
-        );
-        let client = client_from_kubeconfig(&kc).await.unwrap();
-        let started = Instant::now();
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            wait_readyz(&client, Duration::from_secs(2)),
-        )
-        .await;
-        let _ = server.kill();
-        let _ = server.wait();
-        let r = r.expect("wait_readyz outlived its timeout");
-        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
-        assert!(started.elapsed() < Duration::from_secs(6));
-    }
 
     #[test]
     fn metrics_stay_bounded() {

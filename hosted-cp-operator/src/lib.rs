@@ -5,6 +5,7 @@
 //! [`runtime`] runs them (supervised processes, or Deployments in a management cluster);
 //! [`datastore`] carves a tenant out of a shared etcd or PostgreSQL; [`controller`] runs the
 //! ordered reconcile pipeline; [`standalone`] starts a whole management plane on one machine.
+//! [`kube`], [`x509`], [`fs`] and [`ports`] are the helpers every part shares.
 
 pub mod addons;
 pub mod binaries;
@@ -13,10 +14,14 @@ pub mod controller;
 pub mod crds;
 pub mod datastore;
 pub mod error;
+pub mod fs;
+pub mod kube;
 pub mod kubeconfig;
 pub mod pki;
+pub mod ports;
 pub mod render;
 pub mod runtime;
 pub mod standalone;
+pub mod x509;
 
 pub use error::Error;

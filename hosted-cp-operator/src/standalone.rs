@@ -12,7 +12,7 @@
 //! serves the same endpoints and keeps all state. SIGINT/SIGTERM stop tenants and the
 //! management plane; processes of a killed operator are reaped by the next start.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,18 +23,19 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tether_upstream::Component;
-use time::OffsetDateTime;
 
 use crate::binaries::binary;
-use crate::bootstrap::{MANAGER, dynamic_api};
 use crate::controller::{self, Context};
 use crate::datastore::EtcdAdmin;
 use crate::error::Error;
-use crate::pki::{self, LeafSpec};
+use crate::fs::{ensure_file, read, write_atomic};
+use crate::kube::{MANAGER, client_from_kubeconfig, dynamic_api, render_kubeconfig, wait_readyz};
+use crate::ports::free_port;
 use crate::render::{ComponentSpec, Probe, Program};
 use crate::runtime::Runtime;
 use crate::runtime::kubernetes::KubernetesRuntime;
-use crate::runtime::process::{BinaryResolver, ProcessRuntime, SecretData, write_atomic};
+use crate::runtime::process::{BinaryResolver, ProcessRuntime, SecretData};
+use crate::x509::{self, LeafSpec, ca_and_leaf};
 
 /// The operator's namespace in standalone mode.
 pub const NAMESPACE: &str = "tether-system";
@@ -46,83 +47,6 @@ struct MgmtPorts {
     api: u16,
     ds: u16,
     ds_peer: u16,
-}
-
-/// Files created once under `DIR/management/pki`.
-fn ensure_file(
-    path: &Path,
-    make: impl FnOnce() -> Result<Vec<u8>, Error>,
-) -> Result<Vec<u8>, Error> {
-    if let Ok(b) = std::fs::read(path) {
-        return Ok(b);
-    }
-    let b = make()?;
-    write_atomic(path, &b)?;
-    Ok(b)
-}
-
-fn free_port(taken: &mut Vec<u16>) -> Result<u16, Error> {
-    loop {
-        let l =
-            std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind", "127.0.0.1:0"))?;
-        let p = l
-            .local_addr()
-            .map_err(Error::io("bind", "127.0.0.1:0"))?
-            .port();
-        if !taken.contains(&p) {
-            taken.push(p);
-            return Ok(p);
-        }
-    }
-}
-
-/// A CA (cert, key) and a leaf issued by it, created on first use. A pair counts only when
-/// both files exist and the key belongs to the certificate, so a kill between the two
-/// writes leaves nothing half-made that is taken for whole; a leaf that is missing, not issued by the CA or
-/// past two thirds of its life is (re-)issued, so a restart also renews it.
-fn ca_and_leaf(dir: &Path, ca: &str, leaf: &str, spec: &LeafSpec<'_>) -> Result<(), Error> {
-    let now = OffsetDateTime::now_utc();
-    let (ca_crt_path, ca_key_path) = (dir.join(format!("{ca}.crt")), dir.join(format!("{ca}.key")));
-    let (ca_crt, ca_key) = match (std::fs::read(&ca_crt_path), std::fs::read(&ca_key_path)) {
-        (Ok(c), Ok(k)) if pki::key_matches(&c, &k) => (c, k),
-        _ => {
-            let (c, k) = pki::new_ca(ca, now)?;
-            write_atomic(&ca_key_path, k.as_bytes())?;
-            write_atomic(&ca_crt_path, c.as_bytes())?;
-            (c.into_bytes(), k.into_bytes())
-        }
-    };
-    let (crt_path, key_path) = (
-        dir.join(format!("{leaf}.crt")),
-        dir.join(format!("{leaf}.key")),
-    );
-    let usable = match (std::fs::read(&crt_path), std::fs::read(&key_path)) {
-        (Ok(c), Ok(k)) => {
-            pki::cert_fresh_and_issued_by(&c, &ca_crt, now) && pki::key_matches(&c, &k)
-        }
-        _ => false,
-    };
-    if !usable {
-        let (c, k) = pki::issue_with(
-            str_of(&ca_crt_path, &ca_crt)?,
-            str_of(&ca_key_path, &ca_key)?,
-            spec,
-            now,
-        )?;
-        write_atomic(&key_path, k.as_bytes())?;
-        write_atomic(&crt_path, c.as_bytes())?;
-    }
-    Ok(())
-}
-
-fn str_of<'a>(path: &Path, b: &'a [u8]) -> Result<&'a str, Error> {
-    std::str::from_utf8(b)
-        .map_err(|_| Error::Invalid(format!("{} is not PEM text", path.display())))
-}
-
-fn read(dir: &Path, f: &str) -> Result<Vec<u8>, Error> {
-    let p = dir.join(f);
-    std::fs::read(&p).map_err(Error::io("read", &p))
 }
 
 /// Which runtime standalone runs tenants with. `Kubernetes` only makes sense to check the
@@ -161,7 +85,7 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
     {
         Some(p) => p,
         None => {
-            let mut t = Vec::new();
+            let mut t = HashSet::new();
             let p = MgmtPorts {
                 etcd: free_port(&mut t)?,
                 etcd_peer: free_port(&mut t)?,
@@ -234,16 +158,14 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
             client: true,
         },
     )?;
-    ensure_file(&pki_dir.join("sa.key"), || {
-        Ok(rcgen::KeyPair::generate()
-            .map_err(Error::pki("sa key"))?
-            .serialize_pem()
-            .into_bytes())
+    let sa_key = ensure_file(&pki_dir.join("sa.key"), || {
+        Ok(x509::service_account_key()?.0.into_bytes())
     })?;
     if !pki_dir.join("sa.pub").exists() {
-        let k = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&read(&pki_dir, "sa.key")?))
-            .map_err(Error::pki("sa key"))?;
-        write_atomic(&pki_dir.join("sa.pub"), k.public_key_pem().as_bytes())?;
+        write_atomic(
+            &pki_dir.join("sa.pub"),
+            x509::public_key_pem(&sa_key)?.as_bytes(),
+        )?;
     }
 
     // The management components run under the same supervisor as tenants.
@@ -311,7 +233,7 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
 
     // Management kubeconfig and client.
     let server = format!("https://127.0.0.1:{}", ports.api);
-    let kc = crate::kubeconfig::render(
+    let kc = render_kubeconfig(
         "management",
         &server,
         &read(&pki_dir, "ca.crt")?,
@@ -321,8 +243,8 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
     );
     let kc_path = data_dir.join("management.kubeconfig");
     write_atomic(&kc_path, kc.as_bytes())?;
-    let client = controller::client_from_kubeconfig(&kc).await?;
-    controller::wait_readyz(&client, Duration::from_secs(90)).await?;
+    let client = client_from_kubeconfig(&kc).await?;
+    wait_readyz(&client, Duration::from_secs(90)).await?;
     tracing::info!(
         ms = started.elapsed().as_millis() as u64,
         "management API ready"
@@ -536,58 +458,5 @@ fn single_member_etcd(
             port: "",
             path: "/health",
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn leaf() -> LeafSpec<'static> {
-        LeafSpec {
-            cn: "root",
-            orgs: &[],
-            dns: &[],
-            ips: &[],
-            server: false,
-            client: true,
-        }
-    }
-
-    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-        ["ca.crt", "ca.key", "l.crt", "l.key"]
-            .iter()
-            .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
-            .collect()
-    }
-
-    #[test]
-    fn ca_and_leaf_are_made_once_and_survive_torn_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
-        let first = files(d);
-        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
-        assert_eq!(files(d), first, "a second run must change nothing");
-
-        // Killed between the CA's two writes: certificate without key.
-        std::fs::remove_file(d.join("ca.key")).unwrap();
-        ca_and_leaf(d, "ca", "l", &leaf()).expect("a torn CA is remade, not an error");
-        let now = files(d);
-        assert!(pki::key_matches(&now["ca.crt"], &now["ca.key"]));
-        assert!(pki::cert_fresh_and_issued_by(
-            &now["l.crt"],
-            &now["ca.crt"],
-            OffsetDateTime::now_utc()
-        ));
-        assert!(pki::key_matches(&now["l.crt"], &now["l.key"]));
-
-        // Killed between the leaf's two writes: a new key next to the old certificate.
-        let (_, other_key) = pki::new_ca("x", OffsetDateTime::now_utc()).unwrap();
-        std::fs::write(d.join("l.key"), other_key).unwrap();
-        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
-        let after = files(d);
-        assert!(pki::key_matches(&after["l.crt"], &after["l.key"]));
-        assert_eq!(after["ca.crt"], now["ca.crt"], "a torn leaf keeps its CA");
     }
 }

@@ -12,13 +12,14 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 use tether_api::tenant_control_plane::KubernetesSpec;
-use tether_operator::pki::{self, Files, PkiInputs};
+use tether_operator::kube::Files;
+use tether_operator::pki::{self, PkiInputs};
 use tether_operator::render::{self, Ports, RenderInputs, Secrets, Storage};
 use tether_operator::runtime::kubernetes::manifests;
 use tether_testkit::TestCluster;
 
 async fn apply(client: &kube::Client, obj: &Value) -> Value {
-    let (api, name) = tether_operator::bootstrap::dynamic_api(client, obj).unwrap();
+    let (api, name) = tether_operator::kube::dynamic_api(client, obj).unwrap();
     let out = api
         .patch(
             &name,

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::error::Error;
+use crate::fs::write_atomic;
 use crate::render::{ComponentSpec, EnvValue, Ports};
 
 /// Secret name → (key → contents): everything components may reference.
@@ -108,19 +109,7 @@ impl ProcessRuntime {
                 }
             }
         }
-        let mut next = || -> Result<u16, Error> {
-            loop {
-                let l = std::net::TcpListener::bind("127.0.0.1:0")
-                    .map_err(Error::io("bind a free port", "127.0.0.1:0"))?;
-                let port = l
-                    .local_addr()
-                    .map_err(Error::io("local addr", "127.0.0.1:0"))?
-                    .port();
-                if taken.insert(port) {
-                    return Ok(port);
-                }
-            }
-        };
+        let mut next = || crate::ports::free_port(&mut taken);
         let ports = Ports {
             api: next()?,
             konnectivity_agent: next()?,
@@ -280,43 +269,6 @@ fn lookup<'a>(secrets: &'a SecretData, secret: &str, key: &str) -> Result<&'a [u
         .and_then(|s| s.get(key))
         .map(|v| v.as_slice())
         .ok_or_else(|| Error::Invalid(format!("Secret {secret} has no key {key}")))
-}
-
-/// Writes `path` with mode 0600 through a temporary file, `fsync` and a rename, so a crash
-/// never leaves a half-written certificate behind. The temporary name is unique per file,
-/// process and call: concurrent reconciles writing the same directory (a DataStore's admin
-/// credentials, `root.crt` next to `root.key`) never share one.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), Error> {
-    let tmp = tmp_path(path);
-    let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        std::io::Write::write_all(&mut f, contents)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io("write", &tmp)(e));
-    }
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io("rename", path)(e)
-    })
-}
-
-/// `.<file name>.<pid>.<n>.tmp` next to `path`.
-fn tmp_path(path: &Path) -> PathBuf {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 /// Removes `pidfile` only if it still records `record`: a supervisor stopping late must not
@@ -544,42 +496,6 @@ mod tests {
                     .contains(" Z ")
         );
         assert!(!dir.path().join("run/sleeper.pid").exists());
-    }
-
-    #[test]
-    fn write_atomic_of_same_stem_files_never_mixes_contents() {
-        // `root.crt` and `root.key` once shared the temporary `root.tmp`: two writers could
-        // rename each other's bytes into place.
-        assert_ne!(
-            tmp_path(Path::new("/d/root.crt")),
-            tmp_path(Path::new("/d/root.key"))
-        );
-        assert_ne!(tmp_path(Path::new("/d/a")), tmp_path(Path::new("/d/a")));
-        let dir = tempfile::tempdir().unwrap();
-        let writer = |name: &'static str, body: &'static [u8]| {
-            let d = dir.path().to_path_buf();
-            std::thread::spawn(move || {
-                for _ in 0..300 {
-                    write_atomic(&d.join(name), body).unwrap();
-                }
-            })
-        };
-        let a = writer("root.crt", b"CERT");
-        let b = writer("root.key", b"KEY");
-        let c = writer("root.key", b"KEY");
-        for t in [a, b, c] {
-            t.join().unwrap();
-        }
-        assert_eq!(fs::read(dir.path().join("root.crt")).unwrap(), b"CERT");
-        assert_eq!(fs::read(dir.path().join("root.key")).unwrap(), b"KEY");
-        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
-        assert_eq!(left.len(), 2, "temporary files left: {left:?}");
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.path().join("root.key"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[tokio::test]
