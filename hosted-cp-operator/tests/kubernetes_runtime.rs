@@ -12,10 +12,10 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 use tether_api::tenant_control_plane::KubernetesSpec;
+use tether_operator::controlplane::pki::{self, PkiInputs};
+use tether_operator::controlplane::render::{self, Ports, RenderInputs, Secrets, Storage};
+use tether_operator::controlplane::runtime::kubernetes::manifests;
 use tether_operator::kube::Files;
-use tether_operator::pki::{self, PkiInputs};
-use tether_operator::render::{self, Ports, RenderInputs, Secrets, Storage};
-use tether_operator::runtime::kubernetes::manifests;
 use tether_testkit::TestCluster;
 
 async fn apply(client: &kube::Client, obj: &Value) -> Value {
@@ -93,7 +93,7 @@ async fn deployment_service_and_secrets_are_accepted_with_process_args() {
             now,
         )
         .unwrap();
-        let (kcs, _) = tether_operator::kubeconfig::ensure(
+        let (kcs, _) = tether_operator::controlplane::kubeconfig::ensure(
             "t1",
             &pki_files,
             "https://127.0.0.1:6443",

@@ -28,18 +28,18 @@ use tether_api::tenant_control_plane::{self as tcpmod, KubeVersion};
 use tether_api::{Condition, DataStore, Driver, TenantControlPlane, TenantControlPlanePhase};
 use time::OffsetDateTime;
 
-use crate::bootstrap::{self, BootstrapToken};
-use crate::datastore::{self, EtcdAdmin, PgAdmin};
+use crate::controlplane::bootstrap::{self, BootstrapToken};
+use crate::controlplane::datastore::{self, EtcdAdmin, PgAdmin};
+use crate::controlplane::kubeconfig::{self, ADMIN};
+use crate::controlplane::pki::{self, PkiInputs};
+use crate::controlplane::render::{self, RenderInputs, Secrets, Storage};
+use crate::controlplane::runtime::Runtime;
+use crate::controlplane::runtime::process::SecretData;
 use crate::error::Error;
 use crate::kube::{
     self as k, Files, client_from_kubeconfig, condition, merge_conditions, patch_status,
     read_secret, wait_readyz,
 };
-use crate::kubeconfig::{self, ADMIN};
-use crate::pki::{self, PkiInputs};
-use crate::render::{self, RenderInputs, Secrets, Storage};
-use crate::runtime::Runtime;
-use crate::runtime::process::SecretData;
 
 /// The finalizer on every TenantControlPlane.
 pub const FINALIZER: &str = "tether.dev/control-plane";
@@ -582,7 +582,11 @@ async fn apply(tcp: &TenantControlPlane, ctx: &Context) -> Result<Action, Error>
         .unwrap_or_default();
     // The expiration is set once: re-applying it on every reconcile would churn the object.
     let mut objs = bootstrap::objects(&endpoint, &pki_files["client-ca.crt"], &token, &expiration);
-    objs.extend(crate::addons::objects(&tcp.spec, &run_version, &endpoint));
+    objs.extend(crate::controlplane::addons::objects(
+        &tcp.spec,
+        &run_version,
+        &endpoint,
+    ));
     if status.phase != TenantControlPlanePhase::Ready
         || status.observed_generation != generation
         || rotation != pki::Rotation::Keep

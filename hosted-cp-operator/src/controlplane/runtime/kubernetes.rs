@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 
-use crate::render::{ComponentSpec, EnvValue};
+use crate::controlplane::render::{ComponentSpec, EnvValue, Program};
 
 /// Applies and deletes tenants' Deployments and Services in the management cluster.
 #[derive(Clone)]
@@ -155,7 +155,7 @@ pub fn manifests(
                 .collect();
             if matches!(
                 c.program,
-                crate::render::Program::KubeApiserver | crate::render::Program::KonnectivityServer
+                Program::KubeApiserver | Program::KonnectivityServer
             ) {
                 mounts.push(json!({"name": "konnectivity", "mountPath": format!("{WORKDIR}/konnectivity")}));
             }
@@ -248,7 +248,7 @@ pub fn manifests(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{Ports, RenderInputs, Secrets, Storage, render};
+    use crate::controlplane::render::{Ports, RenderInputs, Secrets, Storage, render};
     use tether_api::tenant_control_plane::KubernetesSpec;
 
     #[test]
