@@ -22,9 +22,11 @@ use serde_json::json;
 use tether_upstream::Component;
 
 use crate::binaries::binary;
+use crate::controlplane::component::{
+    ApiserverArgs, ComponentSpec, Probe, Program, single_member_etcd,
+};
 use crate::controlplane::controller::DEFAULT_DATASTORE;
 use crate::controlplane::datastore::{EtcdAdmin, write_creds};
-use crate::controlplane::render::{ComponentSpec, Probe, Program};
 use crate::controlplane::runtime::Runtime;
 use crate::controlplane::runtime::process::{
     BinaryResolver, ProcessRuntime, SecretData, cache_resolver,
@@ -201,24 +203,21 @@ fn certificates(pki: &Path) -> Result<(), Error> {
 
 /// The management kube-apiserver: RBAC only (no nodes join the management plane).
 fn management_apiserver(ports: &MgmtPorts, pki: &Path) -> ComponentSpec {
-    let file = |f: &str| pki.join(f).display().to_string();
     ComponentSpec {
         program: Program::KubeApiserver,
         version: String::new(),
-        args: vec![
-            format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--secure-port={}", ports.api),
-            format!("--tls-cert-file={}", file("apiserver.crt")),
-            format!("--tls-private-key-file={}", file("apiserver.key")),
-            format!("--client-ca-file={}", file("ca.crt")),
-            format!("--service-account-key-file={}", file("sa.pub")),
-            format!("--service-account-signing-key-file={}", file("sa.key")),
-            "--service-account-issuer=https://kubernetes.default.svc".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
-        ],
+        args: ApiserverArgs {
+            etcd_servers: &format!("http://127.0.0.1:{}", ports.etcd),
+            bind_address: "127.0.0.1",
+            advertise_address: "127.0.0.1",
+            secure_port: ports.api,
+            pki_dir: &pki.display().to_string(),
+            client_ca: "ca.crt",
+            service_account_issuer: "https://kubernetes.default.svc",
+            service_cidr: "10.0.0.0/24",
+            authorization_mode: "RBAC",
+        }
+        .args(),
         files: vec![],
         env: Default::default(),
         ports: vec![],
@@ -306,40 +305,4 @@ async fn publish_datastore(client: &kube::Client, pki: &Path, port: u16) -> Resu
                     "privateKey": {"name": "default-datastore-root", "key": "tls.key"}}}}}),
     ];
     apply_objects(client, &objects).await
-}
-
-/// A one-member etcd on loopback named `name`, serving clients over `scheme` on
-/// `ports.0` (peers stay plain HTTP on `ports.1`, also loopback-only), probed on `/health`.
-/// `extra` carries TLS and compaction flags.
-fn single_member_etcd(
-    name: &str,
-    data_dir: &Path,
-    scheme: &'static str,
-    (client, peer): (u16, u16),
-    extra: Vec<String>,
-) -> ComponentSpec {
-    let mut args = vec![
-        format!("--name={name}"),
-        format!("--data-dir={}", data_dir.display()),
-        format!("--listen-client-urls={scheme}://127.0.0.1:{client}"),
-        format!("--advertise-client-urls={scheme}://127.0.0.1:{client}"),
-        format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
-        format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
-        format!("--initial-cluster={name}=http://127.0.0.1:{peer}"),
-    ];
-    args.extend(extra);
-    args.push("--listen-metrics-urls=".into());
-    ComponentSpec {
-        program: Program::Etcd,
-        version: String::new(),
-        args,
-        files: vec![],
-        env: Default::default(),
-        ports: vec![],
-        probe: Probe {
-            scheme,
-            port: "",
-            path: "/health",
-        },
-    }
 }

@@ -8,6 +8,7 @@
 
 pub mod addons;
 pub mod bootstrap;
+pub mod component;
 pub mod controller;
 pub mod datastore;
 pub mod kubeconfig;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 
-use crate::controlplane::render::{ComponentSpec, EnvValue, Program};
+use crate::controlplane::component::{ComponentSpec, EnvValue, Program};
 
 /// Applies and deletes tenants' Deployments and Services in the management cluster.
 #[derive(Clone)]

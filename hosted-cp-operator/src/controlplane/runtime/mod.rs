@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tether_api::TenantControlPlaneSpec;
 
-use crate::controlplane::render::ComponentSpec;
+use crate::controlplane::component::ComponentSpec;
 use crate::controlplane::render::Ports;
 use crate::error::Error;
 

@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::supervisor::{Supervisor, reap_pidfiles, supervise};
+use crate::controlplane::component::{ComponentSpec, EnvValue};
 use crate::controlplane::render::Ports;
-use crate::controlplane::render::{ComponentSpec, EnvValue};
 use crate::error::Error;
 use crate::fs::write_atomic;
 
@@ -281,7 +281,7 @@ mod tests {
         )
         .unwrap();
         let component = ComponentSpec {
-            program: crate::controlplane::render::Program::Kine,
+            program: crate::controlplane::component::Program::Kine,
             version: "v1.36.3".into(),
             args: vec!["30".into()],
             files: vec![],
@@ -293,7 +293,7 @@ mod tests {
                 },
             )]),
             ports: vec![],
-            probe: crate::controlplane::render::Probe {
+            probe: crate::controlplane::component::Probe {
                 scheme: "http",
                 port: "etcd",
                 path: "/",
