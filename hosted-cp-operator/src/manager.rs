@@ -88,7 +88,7 @@ fn metrics_dump(ctx: Arc<Context>, path: PathBuf) {
                 };
                 json!({
                     "reconciles_ms": ms(&m.reconciles),
-                    "steps_ms": m.steps.iter().map(|(k, v)| (k.to_string(), json!(ms(v)))).collect::<serde_json::Map<_, _>>(),
+                    "steps_ms": m.steps.iter().map(|(k, v)| (k.clone(), json!(ms(v)))).collect::<serde_json::Map<_, _>>(),
                 })
             };
             let _ = write_atomic(&path, json.to_string().as_bytes());

@@ -22,10 +22,10 @@ use serde_json::json;
 use tether_upstream::Component;
 
 use crate::binaries::binary;
+use crate::controlplane::DEFAULT_DATASTORE;
 use crate::controlplane::component::{
     ApiserverArgs, ComponentSpec, Probe, Program, single_member_etcd,
 };
-use crate::controlplane::controller::DEFAULT_DATASTORE;
 use crate::controlplane::datastore::{EtcdAdmin, write_creds};
 use crate::controlplane::runtime::Runtime;
 use crate::controlplane::runtime::process::{

@@ -1,6 +1,6 @@
 //! What a fresh tenant cluster needs before nodes can join — the objects `kubeadm init`
-//! would create — rendered as plain manifests ([`objects`], pure), server-side applied into
-//! the tenant by the controller.
+//! would create — rendered as plain manifests ([`objects`], pure), applied into the tenant by
+//! the pipeline's bootstrap step.
 //!
 //! - `cluster-info` in `kube-public` (endpoint + CA; the controller-manager's
 //!   bootstrapsigner adds a JWS signature per bootstrap token) readable anonymously;
