@@ -339,10 +339,18 @@ mod tests {
         assert_eq!(s.load().unwrap().unwrap().enrolled, e);
         s.forget_enrollment().unwrap();
         assert!(s.load().unwrap().is_none());
-        assert_eq!(s.key().unwrap().serialize_pem(), key.serialize_pem(), "the key stays");
+        assert_eq!(
+            s.key().unwrap().serialize_pem(),
+            key.serialize_pem(),
+            "the key stays"
+        );
         s.forget().unwrap();
         assert!(s.load().unwrap().is_none());
-        assert_ne!(s.key().unwrap().serialize_pem(), key.serialize_pem(), "a new key after forget");
+        assert_ne!(
+            s.key().unwrap().serialize_pem(),
+            key.serialize_pem(),
+            "a new key after forget"
+        );
         s.forget().unwrap();
     }
 

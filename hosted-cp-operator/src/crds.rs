@@ -1,10 +1,14 @@
 //! The CRDs of the tether.dev API, generated from the types in `tether-api`.
 
+use std::time::Duration;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use tether_api::{BootImage, DataStore, Machine, TenantControlPlane};
 
 use crate::error::Error;
+use crate::kube::MANAGER;
 
 /// Every CRD the operator owns, in apply order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -24,6 +28,30 @@ pub fn print() -> Result<(), Error> {
             source,
         })?;
         println!("---\n{yaml}");
+    }
+    Ok(())
+}
+
+/// Applies every CRD and waits until each is established.
+pub async fn install(client: &kube::Client) -> Result<(), Error> {
+    let pp = PatchParams::apply(MANAGER).force();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(&name, &pp, &Patch::Apply(&crd))
+            .await
+            .map_err(Error::kube(format!("apply CRD {name}")))?;
+    }
+    for crd in all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let cond = kube::runtime::conditions::is_crd_established();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            kube::runtime::wait::await_condition(crds.clone(), &name, cond),
+        )
+        .await
+        .map_err(|_| Error::Timeout(format!("CRD {name} established")))?
+        .map_err(|e| Error::Invalid(format!("wait for CRD {name}: {e}")))?;
     }
     Ok(())
 }

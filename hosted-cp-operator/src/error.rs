@@ -71,6 +71,10 @@ pub enum Error {
     /// Waiting for something took too long.
     #[error("timed out waiting for {0}")]
     Timeout(String),
+    /// A reconcile step ran before the step that prepares what it needs (a bug in the
+    /// pipeline's order, reported instead of panicking the controller).
+    #[error("pipeline: the {0} step has not run yet")]
+    StepOrder(&'static str),
     /// An object the operator would write already exists and belongs to someone else;
     /// it was left alone.
     #[error("conflict: {0}")]

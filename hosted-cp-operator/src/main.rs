@@ -1,5 +1,6 @@
 //! `tether-operator` command line.
 
+use tether_operator::manager::{self, RuntimeKind};
 use tether_operator::{crds, error};
 
 use clap::{Parser, Subcommand};
@@ -23,7 +24,7 @@ enum Command {
     Run {
         /// How tenants run.
         #[arg(long, value_enum, default_value = "kubernetes")]
-        runtime: tether_operator::standalone::RuntimeKind,
+        runtime: RuntimeKind,
         /// Namespace whose Secrets hold DataStore credentials.
         #[arg(long, default_value = "tether-system")]
         namespace: String,
@@ -44,7 +45,7 @@ enum Command {
         data_dir: std::path::PathBuf,
         /// How tenants run (`kubernetes` only renders Deployments here: no nodes).
         #[arg(long, value_enum, default_value_t)]
-        runtime: tether_operator::standalone::RuntimeKind,
+        runtime: RuntimeKind,
     },
 }
 
@@ -60,14 +61,7 @@ fn main() {
             install_crds,
         } => tokio::runtime::Runtime::new()
             .map_err(Error::io("start async runtime", &data_dir))
-            .and_then(|rt| {
-                rt.block_on(tether_operator::standalone::run_in_cluster(
-                    &data_dir,
-                    &namespace,
-                    runtime,
-                    install_crds,
-                ))
-            }),
+            .and_then(|rt| rt.block_on(manager::run(&data_dir, &namespace, runtime, install_crds))),
         Command::Standalone { data_dir, runtime } => tokio::runtime::Runtime::new()
             .map_err(Error::io("start async runtime", &data_dir))
             .and_then(|rt| rt.block_on(tether_operator::standalone::run(&data_dir, runtime))),

@@ -6,39 +6,42 @@
 //!   certificate auth and etcd auth enabled, administered as `root` — published as the
 //!   `default` DataStore with its credentials in `tether-system` Secrets;
 //! - `DIR/management.kubeconfig`: an admin kubeconfig for the management API;
-//! - the controller on the process runtime (`DIR/tenants/…`).
+//! - the operator's controllers ([`crate::manager`]) on the process runtime (`DIR/tenants/…`).
 //!
 //! Certificates and ports are created once and reused, so a restart with the same DIR
 //! serves the same endpoints and keeps all state. SIGINT/SIGTERM stop tenants and the
 //! management plane; processes of a killed operator are reaped by the next start.
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tether_upstream::Component;
-use time::OffsetDateTime;
 
 use crate::binaries::binary;
-use crate::bootstrap::{MANAGER, dynamic_api};
-use crate::controller::{self, Context};
-use crate::datastore::EtcdAdmin;
+use crate::controlplane::DEFAULT_DATASTORE;
+use crate::controlplane::component::{
+    ApiserverArgs, ComponentSpec, Probe, Program, single_member_etcd,
+};
+use crate::controlplane::datastore::{EtcdAdmin, write_creds};
+use crate::controlplane::runtime::Runtime;
+use crate::controlplane::runtime::process::{
+    BinaryResolver, ProcessRuntime, SecretData, cache_resolver,
+};
 use crate::error::Error;
-use crate::pki::{self, LeafSpec};
-use crate::render::{ComponentSpec, Probe, Program};
-use crate::runtime::Runtime;
-use crate::runtime::kubernetes::KubernetesRuntime;
-use crate::runtime::process::{BinaryResolver, ProcessRuntime, SecretData, write_atomic};
+use crate::fs::{ensure_file, read, write_atomic};
+use crate::kube::{apply_objects, client_from_kubeconfig, render_kubeconfig, wait_readyz};
+use crate::manager::{self, RuntimeKind};
+use crate::ports::free_port;
+use crate::x509::{self, LeafSpec};
 
 /// The operator's namespace in standalone mode.
 pub const NAMESPACE: &str = "tether-system";
 
+/// The management plane's ports, allocated once and kept in `management/ports.json`.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct MgmtPorts {
     etcd: u16,
@@ -48,92 +51,11 @@ struct MgmtPorts {
     ds_peer: u16,
 }
 
-/// Files created once under `DIR/management/pki`.
-fn ensure_file(
-    path: &Path,
-    make: impl FnOnce() -> Result<Vec<u8>, Error>,
-) -> Result<Vec<u8>, Error> {
-    if let Ok(b) = std::fs::read(path) {
-        return Ok(b);
-    }
-    let b = make()?;
-    write_atomic(path, &b)?;
-    Ok(b)
-}
-
-fn free_port(taken: &mut Vec<u16>) -> Result<u16, Error> {
-    loop {
-        let l =
-            std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind", "127.0.0.1:0"))?;
-        let p = l
-            .local_addr()
-            .map_err(Error::io("bind", "127.0.0.1:0"))?
-            .port();
-        if !taken.contains(&p) {
-            taken.push(p);
-            return Ok(p);
-        }
-    }
-}
-
-/// A CA (cert, key) and a leaf issued by it, created on first use. A pair counts only when
-/// both files exist and the key belongs to the certificate, so a kill between the two
-/// writes leaves nothing half-made that is taken for whole; a leaf that is missing, not issued by the CA or
-/// past two thirds of its life is (re-)issued, so a restart also renews it.
-fn ca_and_leaf(dir: &Path, ca: &str, leaf: &str, spec: &LeafSpec<'_>) -> Result<(), Error> {
-    let now = OffsetDateTime::now_utc();
-    let (ca_crt_path, ca_key_path) = (dir.join(format!("{ca}.crt")), dir.join(format!("{ca}.key")));
-    let (ca_crt, ca_key) = match (std::fs::read(&ca_crt_path), std::fs::read(&ca_key_path)) {
-        (Ok(c), Ok(k)) if pki::key_matches(&c, &k) => (c, k),
-        _ => {
-            let (c, k) = pki::new_ca(ca, now)?;
-            write_atomic(&ca_key_path, k.as_bytes())?;
-            write_atomic(&ca_crt_path, c.as_bytes())?;
-            (c.into_bytes(), k.into_bytes())
-        }
-    };
-    let (crt_path, key_path) = (
-        dir.join(format!("{leaf}.crt")),
-        dir.join(format!("{leaf}.key")),
-    );
-    let usable = match (std::fs::read(&crt_path), std::fs::read(&key_path)) {
-        (Ok(c), Ok(k)) => {
-            pki::cert_fresh_and_issued_by(&c, &ca_crt, now) && pki::key_matches(&c, &k)
-        }
-        _ => false,
-    };
-    if !usable {
-        let (c, k) = pki::issue_with(
-            str_of(&ca_crt_path, &ca_crt)?,
-            str_of(&ca_key_path, &ca_key)?,
-            spec,
-            now,
-        )?;
-        write_atomic(&key_path, k.as_bytes())?;
-        write_atomic(&crt_path, c.as_bytes())?;
-    }
-    Ok(())
-}
-
-fn str_of<'a>(path: &Path, b: &'a [u8]) -> Result<&'a str, Error> {
-    std::str::from_utf8(b)
-        .map_err(|_| Error::Invalid(format!("{} is not PEM text", path.display())))
-}
-
-fn read(dir: &Path, f: &str) -> Result<Vec<u8>, Error> {
-    let p = dir.join(f);
-    std::fs::read(&p).map_err(Error::io("read", &p))
-}
-
-/// Which runtime standalone runs tenants with. `Kubernetes` only makes sense to check the
-/// Deployments the production path would create: standalone's management API has no nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum RuntimeKind {
-    /// Supervised local processes.
-    #[default]
-    Process,
-    /// Deployments + Services in the management cluster.
-    Kubernetes,
+/// The running management plane: its supervisors and an admin client.
+struct ManagementPlane {
+    management: ProcessRuntime,
+    datastore: ProcessRuntime,
+    client: kube::Client,
 }
 
 /// Runs the management plane and the operator until SIGINT/SIGTERM.
@@ -145,242 +67,10 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
         .map_err(Error::io("resolve", data_dir))?;
     // First: reap whatever a killed predecessor left running for tenants, before anything
     // else binds ports or reports ready.
-    let process_runtime = Arc::new(ProcessRuntime::new(
-        &data_dir,
-        crate::runtime::process::cache_resolver(),
-    )?);
-    let mgmt = data_dir.join("management");
-    let pki_dir = mgmt.join("pki");
-    std::fs::create_dir_all(&pki_dir).map_err(Error::io("create", &pki_dir))?;
-
-    // Ports, stable across restarts.
-    let ports_file = mgmt.join("ports.json");
-    let ports: MgmtPorts = match std::fs::read(&ports_file)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        Some(p) => p,
-        None => {
-            let mut t = Vec::new();
-            let p = MgmtPorts {
-                etcd: free_port(&mut t)?,
-                etcd_peer: free_port(&mut t)?,
-                api: free_port(&mut t)?,
-                ds: free_port(&mut t)?,
-                ds_peer: free_port(&mut t)?,
-            };
-            write_atomic(&ports_file, &serde_json::to_vec(&p).expect("serialise"))?;
-            p
-        }
-    };
-
-    // Certificates, created once.
-    let loopback = [IpAddr::from([127, 0, 0, 1])];
-    let names = [
-        "localhost".to_string(),
-        "kubernetes".into(),
-        "kubernetes.default".into(),
-        "kubernetes.default.svc".into(),
-    ];
-    ca_and_leaf(
-        &pki_dir,
-        "ca",
-        "apiserver",
-        &LeafSpec {
-            cn: "kube-apiserver",
-            orgs: &[],
-            dns: &names,
-            ips: &loopback,
-            server: true,
-            client: false,
-        },
-    )?;
-    ca_and_leaf(
-        &pki_dir,
-        "ca",
-        "admin",
-        &LeafSpec {
-            cn: "tether-admin",
-            orgs: &["system:masters"],
-            dns: &[],
-            ips: &[],
-            server: false,
-            client: true,
-        },
-    )?;
-    ca_and_leaf(
-        &pki_dir,
-        "etcd-ca",
-        "etcd-server",
-        &LeafSpec {
-            cn: "etcd",
-            orgs: &[],
-            dns: &["localhost".to_string()],
-            ips: &loopback,
-            server: true,
-            client: false,
-        },
-    )?;
-    ca_and_leaf(
-        &pki_dir,
-        "etcd-ca",
-        "etcd-root",
-        &LeafSpec {
-            cn: "root",
-            orgs: &[],
-            dns: &[],
-            ips: &[],
-            server: false,
-            client: true,
-        },
-    )?;
-    ensure_file(&pki_dir.join("sa.key"), || {
-        Ok(rcgen::KeyPair::generate()
-            .map_err(Error::pki("sa key"))?
-            .serialize_pem()
-            .into_bytes())
-    })?;
-    if !pki_dir.join("sa.pub").exists() {
-        let k = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&read(&pki_dir, "sa.key")?))
-            .map_err(Error::pki("sa key"))?;
-        write_atomic(&pki_dir.join("sa.pub"), k.public_key_pem().as_bytes())?;
-    }
-
-    // The management components run under the same supervisor as tenants.
-    let resolve: BinaryResolver = Arc::new(|c: &ComponentSpec| binary(c.program.upstream()));
-    let mgmt_rt = ProcessRuntime::new(&mgmt, resolve)?;
-    let pki_rel = |f: &str| format!("{}/{f}", pki_dir.display());
-    let etcd = single_member_etcd(
-        "management",
-        &mgmt.join("etcd"),
-        "http",
-        (ports.etcd, ports.etcd_peer),
-        vec![],
-    );
-    let apiserver = ComponentSpec {
-        program: Program::KubeApiserver,
-        version: String::new(),
-        args: vec![
-            format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--secure-port={}", ports.api),
-            format!("--tls-cert-file={}", pki_rel("apiserver.crt")),
-            format!("--tls-private-key-file={}", pki_rel("apiserver.key")),
-            format!("--client-ca-file={}", pki_rel("ca.crt")),
-            format!("--service-account-key-file={}", pki_rel("sa.pub")),
-            format!("--service-account-signing-key-file={}", pki_rel("sa.key")),
-            "--service-account-issuer=https://kubernetes.default.svc".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
-        ],
-        files: vec![],
-        env: BTreeMap::new(),
-        ports: vec![],
-        probe: Probe {
-            scheme: "https",
-            port: "",
-            path: "/readyz",
-        },
-    };
-    mgmt_rt.apply("management", &[etcd], &SecretData::new())?;
-    // The apiserver gets its own slot so restarting one never restarts the other.
-    mgmt_rt.apply("management-apiserver", &[apiserver], &SecretData::new())?;
-
-    // The default datastore: etcd with TLS, client-certificate auth and etcd auth.
-    let ds_dir = data_dir.join("datastore");
-    let ds_rt = ProcessRuntime::new(
-        &ds_dir,
-        Arc::new(|_: &ComponentSpec| binary(Component::Etcd)),
-    )?;
-    let ds_etcd = single_member_etcd(
-        "datastore",
-        &ds_dir.join("etcd"),
-        "https",
-        (ports.ds, ports.ds_peer),
-        vec![
-            format!("--cert-file={}", pki_rel("etcd-server.crt")),
-            format!("--key-file={}", pki_rel("etcd-server.key")),
-            format!("--trusted-ca-file={}", pki_rel("etcd-ca.crt")),
-            "--client-cert-auth=true".into(),
-            "--auto-compaction-mode=periodic".into(),
-            "--auto-compaction-retention=5m".into(),
-        ],
-    );
-    ds_rt.apply("datastore", &[ds_etcd], &SecretData::new())?;
-
-    // Management kubeconfig and client.
-    let server = format!("https://127.0.0.1:{}", ports.api);
-    let kc = crate::kubeconfig::render(
-        "management",
-        &server,
-        &read(&pki_dir, "ca.crt")?,
-        "tether-admin",
-        &read(&pki_dir, "admin.crt")?,
-        &read(&pki_dir, "admin.key")?,
-    );
-    let kc_path = data_dir.join("management.kubeconfig");
-    write_atomic(&kc_path, kc.as_bytes())?;
-    let client = controller::client_from_kubeconfig(&kc).await?;
-    controller::wait_readyz(&client, Duration::from_secs(90)).await?;
+    let process_runtime = Arc::new(ProcessRuntime::new(&data_dir, cache_resolver())?);
+    let plane = start(&data_dir, started).await?;
     tracing::info!(
-        ms = started.elapsed().as_millis() as u64,
-        "management API ready"
-    );
-
-    // etcd auth: root user (certificate CN "root") with the root role, then enable.
-    let etcd_admin = EtcdAdmin {
-        etcdctl: crate::binaries::etcdctl()?,
-        endpoints: vec![format!("https://127.0.0.1:{}", ports.ds)],
-        creds: ds_dir.join("admin"),
-    };
-    crate::datastore::write_creds(
-        &etcd_admin.creds,
-        &read(&pki_dir, "etcd-ca.crt")?,
-        &read(&pki_dir, "etcd-root.crt")?,
-        &read(&pki_dir, "etcd-root.key")?,
-    )?;
-    etcd_admin.enable_auth(Duration::from_secs(30)).await?;
-
-    // CRDs, namespace, DataStore credentials and the default DataStore.
-    install_crds(&client).await?;
-    let pp = PatchParams::apply(MANAGER).force();
-    let nss: Api<Namespace> = Api::all(client.clone());
-    nss.patch(
-        NAMESPACE,
-        &pp,
-        &Patch::Apply(
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
-        ),
-    )
-    .await
-    .map_err(Error::kube("apply namespace"))?;
-    let b64 = |b: Vec<u8>| {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(b)
-    };
-    let objects = vec![
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "default-datastore-ca", "namespace": NAMESPACE},
-            "data": {"ca.crt": b64(read(&pki_dir, "etcd-ca.crt")?), "ca.key": b64(read(&pki_dir, "etcd-ca.key")?)}}),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "default-datastore-root", "namespace": NAMESPACE},
-            "data": {"tls.crt": b64(read(&pki_dir, "etcd-root.crt")?), "tls.key": b64(read(&pki_dir, "etcd-root.key")?)}}),
-        json!({"apiVersion": "tether.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": controller::DEFAULT_DATASTORE},
-            "spec": {"driver": "etcd", "endpoints": [format!("127.0.0.1:{}", ports.ds)], "tlsConfig": {
-                "certificateAuthority": {
-                    "certificate": {"name": "default-datastore-ca", "key": "ca.crt"},
-                    "privateKey": {"name": "default-datastore-ca", "key": "ca.key"}},
-                "clientCertificate": {
-                    "certificate": {"name": "default-datastore-root", "key": "tls.crt"},
-                    "privateKey": {"name": "default-datastore-root", "key": "tls.key"}}}}}),
-    ];
-    for obj in &objects {
-        let (api, name) = dynamic_api(&client, obj)?;
-        api.patch(&name, &pp, &Patch::Apply(obj))
-            .await
-            .map_err(Error::kube(format!("apply {name}")))?;
-    }
-    tracing::info!(
-        kubeconfig = %kc_path.display(),
+        kubeconfig = %data_dir.join("management.kubeconfig").display(),
         ms = started.elapsed().as_millis() as u64,
         "standalone management plane ready"
     );
@@ -388,206 +78,231 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
 
     let runtime = match kind {
         RuntimeKind::Process => Runtime::Process(process_runtime),
-        RuntimeKind::Kubernetes => Runtime::Kubernetes(KubernetesRuntime {
-            client: client.clone(),
-            images: Default::default(),
-        }),
+        RuntimeKind::Kubernetes => Runtime::kubernetes(plane.client.clone()),
     };
-    serve(client, runtime.clone(), NAMESPACE, &data_dir).await;
+    manager::serve(plane.client, runtime.clone(), NAMESPACE, &data_dir).await;
     tracing::info!("stopping tenants and the management plane");
     let _ = std::fs::remove_file(data_dir.join("ready"));
     runtime.shutdown();
-    ds_rt.shutdown();
-    mgmt_rt.shutdown();
+    plane.datastore.shutdown();
+    plane.management.shutdown();
     // Give supervisors time to escalate and remove pidfiles.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
 }
 
-/// Applies the operator's CRDs and waits until they are established.
-pub async fn install_crds(client: &kube::Client) -> Result<(), Error> {
-    let pp = PatchParams::apply(MANAGER).force();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in crate::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(&name, &pp, &Patch::Apply(&crd))
-            .await
-            .map_err(Error::kube(format!("apply CRD {name}")))?;
-    }
-    for crd in crate::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        let cond = kube::runtime::conditions::is_crd_established();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            kube::runtime::wait::await_condition(crds.clone(), &name, cond),
-        )
-        .await
-        .map_err(|_| Error::Timeout(format!("CRD {name} established")))?
-        .map_err(|e| Error::Invalid(format!("wait for CRD {name}: {e}")))?;
-    }
-    Ok(())
-}
+/// Starts the management API and the default datastore, and publishes the latter.
+async fn start(data_dir: &Path, started: Instant) -> Result<ManagementPlane, Error> {
+    let mgmt = data_dir.join("management");
+    let pki = mgmt.join("pki");
+    std::fs::create_dir_all(&pki).map_err(Error::io("create", &pki))?;
+    let ports = ports(&mgmt.join("ports.json"))?;
+    certificates(&pki)?;
 
-/// Runs the controller with `runtime` until SIGINT/SIGTERM. DataStore credentials are read
-/// from `namespace`; `data_dir` holds etcdctl credentials and `metrics.json`.
-pub async fn serve(client: kube::Client, runtime: Runtime, namespace: &str, data_dir: &Path) {
-    let recorder = kube::runtime::events::Recorder::new(
-        client.clone(),
-        kube::runtime::events::Reporter {
-            controller: "tether-operator".into(),
-            instance: None,
-        },
+    // The management components run under the same supervisor as tenants.
+    let resolve: BinaryResolver = Arc::new(|c: &ComponentSpec| binary(c.program.upstream()));
+    let management = ProcessRuntime::new(&mgmt, resolve)?;
+    let etcd = single_member_etcd(
+        "management",
+        &mgmt.join("etcd"),
+        "http",
+        (ports.etcd, ports.etcd_peer),
+        vec![],
     );
-    let ctx = Arc::new(Context {
-        recorder,
+    management.apply("management", &[etcd], &SecretData::new())?;
+    // The apiserver gets its own slot so restarting one never restarts the other.
+    let apiserver = management_apiserver(&ports, &pki);
+    management.apply("management-apiserver", &[apiserver], &SecretData::new())?;
+
+    let ds_dir = data_dir.join("datastore");
+    let datastore = ProcessRuntime::new(
+        &ds_dir,
+        Arc::new(|_: &ComponentSpec| binary(Component::Etcd)),
+    )?;
+    datastore.apply(
+        "datastore",
+        &[datastore_etcd(&ports, &pki, &ds_dir)],
+        &SecretData::new(),
+    )?;
+
+    let client = management_client(data_dir, &pki, ports.api).await?;
+    tracing::info!(
+        ms = started.elapsed().as_millis() as u64,
+        "management API ready"
+    );
+    enable_datastore_auth(&pki, &ds_dir, ports.ds).await?;
+    crate::crds::install(&client).await?;
+    publish_datastore(&client, &pki, ports.ds).await?;
+    Ok(ManagementPlane {
+        management,
+        datastore,
         client,
-        runtime,
-        namespace: namespace.into(),
-        data_dir: data_dir.to_path_buf(),
-        known_versions: crate::binaries::known_versions(),
-        metrics: Mutex::new(Default::default()),
-    });
-    metrics_dump(ctx.clone(), data_dir.join("metrics.json"));
-    controller::run(ctx).await;
+    })
 }
 
-/// `tether-operator run`: the operator against the cluster of the ambient kubeconfig (or
-/// in-cluster service account), for a real management cluster.
-pub async fn run_in_cluster(
-    data_dir: &Path,
-    namespace: &str,
-    kind: RuntimeKind,
-    crds: bool,
-) -> Result<(), Error> {
-    std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(Error::kube("connect to the cluster"))?;
-    if crds {
-        install_crds(&client).await?;
+/// The management plane's ports: the recorded ones, or new free ones recorded now, so a
+/// restart serves the same endpoints.
+fn ports(file: &Path) -> Result<MgmtPorts, Error> {
+    if let Some(p) = std::fs::read(file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        return Ok(p);
     }
-    let runtime = match kind {
-        RuntimeKind::Process => Runtime::Process(Arc::new(ProcessRuntime::new(
-            data_dir,
-            crate::runtime::process::cache_resolver(),
-        )?)),
-        RuntimeKind::Kubernetes => Runtime::Kubernetes(KubernetesRuntime {
-            client: client.clone(),
-            images: Default::default(),
-        }),
+    let mut t = HashSet::new();
+    let p = MgmtPorts {
+        etcd: free_port(&mut t)?,
+        etcd_peer: free_port(&mut t)?,
+        api: free_port(&mut t)?,
+        ds: free_port(&mut t)?,
+        ds_peer: free_port(&mut t)?,
     };
-    serve(client, runtime.clone(), namespace, data_dir).await;
-    runtime.shutdown();
+    write_atomic(file, &serde_json::to_vec(&p).expect("serialise"))?;
+    Ok(p)
+}
+
+/// The management API's CA, serving and admin certificates, the datastore's CA, serving
+/// and root certificates, and the service-account key pair: made once, renewed on restart.
+fn certificates(pki: &Path) -> Result<(), Error> {
+    let loopback = [IpAddr::from([127, 0, 0, 1])];
+    let names = [
+        "localhost".to_string(),
+        "kubernetes".into(),
+        "kubernetes.default".into(),
+        "kubernetes.default.svc".into(),
+    ];
+    let localhost = ["localhost".to_string()];
+    let admin_groups = ["system:masters"];
+    x509::ca_and_leaf(
+        pki,
+        "ca",
+        "apiserver",
+        &LeafSpec::server("kube-apiserver", &names, &loopback),
+    )?;
+    x509::ca_and_leaf(
+        pki,
+        "ca",
+        "admin",
+        &LeafSpec::client("tether-admin", &admin_groups),
+    )?;
+    x509::ca_and_leaf(
+        pki,
+        "etcd-ca",
+        "etcd-server",
+        &LeafSpec::server("etcd", &localhost, &loopback),
+    )?;
+    x509::ca_and_leaf(pki, "etcd-ca", "etcd-root", &LeafSpec::client("root", &[]))?;
+    let key = ensure_file(&pki.join("sa.key"), || {
+        Ok(x509::service_account_key()?.0.into_bytes())
+    })?;
+    if !pki.join("sa.pub").exists() {
+        write_atomic(&pki.join("sa.pub"), x509::public_key_pem(&key)?.as_bytes())?;
+    }
     Ok(())
 }
 
-/// Writes step timings every 2 s to `path` (for `cargo xtask bench cp`).
-fn metrics_dump(ctx: Arc<Context>, path: PathBuf) {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let json = {
-                let m = ctx.metrics.lock().unwrap_or_else(|e| e.into_inner());
-                let ms = |v: &Vec<Duration>| {
-                    v.iter()
-                        .map(|d| d.as_secs_f64() * 1000.0)
-                        .collect::<Vec<_>>()
-                };
-                json!({
-                    "reconciles_ms": ms(&m.reconciles),
-                    "steps_ms": m.steps.iter().map(|(k, v)| (k.to_string(), json!(ms(v)))).collect::<serde_json::Map<_, _>>(),
-                })
-            };
-            let _ = write_atomic(&path, json.to_string().as_bytes());
-        }
-    });
-}
-
-/// A one-member etcd on loopback named `name`, serving clients over `scheme` on
-/// `ports.0` (peers stay plain HTTP on `ports.1`, also loopback-only), probed on `/health`.
-/// `extra` carries TLS and compaction flags.
-fn single_member_etcd(
-    name: &str,
-    data_dir: &std::path::Path,
-    scheme: &'static str,
-    (client, peer): (u16, u16),
-    extra: Vec<String>,
-) -> ComponentSpec {
-    let mut args = vec![
-        format!("--name={name}"),
-        format!("--data-dir={}", data_dir.display()),
-        format!("--listen-client-urls={scheme}://127.0.0.1:{client}"),
-        format!("--advertise-client-urls={scheme}://127.0.0.1:{client}"),
-        format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
-        format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
-        format!("--initial-cluster={name}=http://127.0.0.1:{peer}"),
-    ];
-    args.extend(extra);
-    args.push("--listen-metrics-urls=".into());
+/// The management kube-apiserver: RBAC only (no nodes join the management plane).
+fn management_apiserver(ports: &MgmtPorts, pki: &Path) -> ComponentSpec {
     ComponentSpec {
-        program: Program::Etcd,
+        program: Program::KubeApiserver,
         version: String::new(),
-        args,
+        args: ApiserverArgs {
+            etcd_servers: &format!("http://127.0.0.1:{}", ports.etcd),
+            bind_address: "127.0.0.1",
+            advertise_address: "127.0.0.1",
+            secure_port: ports.api,
+            pki_dir: &pki.display().to_string(),
+            client_ca: "ca.crt",
+            service_account_issuer: "https://kubernetes.default.svc",
+            service_cidr: "10.0.0.0/24",
+            authorization_mode: "RBAC",
+        }
+        .args(),
         files: vec![],
-        env: BTreeMap::new(),
+        env: Default::default(),
         ports: vec![],
         probe: Probe {
-            scheme,
+            scheme: "https",
             port: "",
-            path: "/health",
+            path: "/readyz",
         },
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The default datastore: etcd with TLS and client-certificate auth (etcd auth is enabled
+/// once it runs).
+fn datastore_etcd(ports: &MgmtPorts, pki: &Path, dir: &Path) -> ComponentSpec {
+    let file = |f: &str| pki.join(f).display().to_string();
+    single_member_etcd(
+        "datastore",
+        &dir.join("etcd"),
+        "https",
+        (ports.ds, ports.ds_peer),
+        vec![
+            format!("--cert-file={}", file("etcd-server.crt")),
+            format!("--key-file={}", file("etcd-server.key")),
+            format!("--trusted-ca-file={}", file("etcd-ca.crt")),
+            "--client-cert-auth=true".into(),
+            "--auto-compaction-mode=periodic".into(),
+            "--auto-compaction-retention=5m".into(),
+        ],
+    )
+}
 
-    fn leaf() -> LeafSpec<'static> {
-        LeafSpec {
-            cn: "root",
-            orgs: &[],
-            dns: &[],
-            ips: &[],
-            server: false,
-            client: true,
-        }
-    }
+/// Writes `management.kubeconfig` and returns its client once the API is ready.
+async fn management_client(data_dir: &Path, pki: &Path, port: u16) -> Result<kube::Client, Error> {
+    let kc = render_kubeconfig(
+        "management",
+        &format!("https://127.0.0.1:{port}"),
+        &read(pki, "ca.crt")?,
+        "tether-admin",
+        &read(pki, "admin.crt")?,
+        &read(pki, "admin.key")?,
+    );
+    write_atomic(&data_dir.join("management.kubeconfig"), kc.as_bytes())?;
+    let client = client_from_kubeconfig(&kc).await?;
+    wait_readyz(&client, Duration::from_secs(90)).await?;
+    Ok(client)
+}
 
-    fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-        ["ca.crt", "ca.key", "l.crt", "l.key"]
-            .iter()
-            .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
-            .collect()
-    }
+/// etcd auth on the datastore: root user (certificate CN "root") with the root role, then
+/// enable.
+async fn enable_datastore_auth(pki: &Path, ds_dir: &Path, port: u16) -> Result<(), Error> {
+    let admin = EtcdAdmin {
+        etcdctl: crate::binaries::etcdctl()?,
+        endpoints: vec![format!("https://127.0.0.1:{port}")],
+        creds: ds_dir.join("admin"),
+    };
+    write_creds(
+        &admin.creds,
+        &read(pki, "etcd-ca.crt")?,
+        &read(pki, "etcd-root.crt")?,
+        &read(pki, "etcd-root.key")?,
+    )?;
+    admin.enable_auth(Duration::from_secs(30)).await
+}
 
-    #[test]
-    fn ca_and_leaf_are_made_once_and_survive_torn_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
-        let first = files(d);
-        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
-        assert_eq!(files(d), first, "a second run must change nothing");
-
-        // Killed between the CA's two writes: certificate without key.
-        std::fs::remove_file(d.join("ca.key")).unwrap();
-        ca_and_leaf(d, "ca", "l", &leaf()).expect("a torn CA is remade, not an error");
-        let now = files(d);
-        assert!(pki::key_matches(&now["ca.crt"], &now["ca.key"]));
-        assert!(pki::cert_fresh_and_issued_by(
-            &now["l.crt"],
-            &now["ca.crt"],
-            OffsetDateTime::now_utc()
-        ));
-        assert!(pki::key_matches(&now["l.crt"], &now["l.key"]));
-
-        // Killed between the leaf's two writes: a new key next to the old certificate.
-        let (_, other_key) = pki::new_ca("x", OffsetDateTime::now_utc()).unwrap();
-        std::fs::write(d.join("l.key"), other_key).unwrap();
-        ca_and_leaf(d, "ca", "l", &leaf()).unwrap();
-        let after = files(d);
-        assert!(pki::key_matches(&after["l.crt"], &after["l.key"]));
-        assert_eq!(after["ca.crt"], now["ca.crt"], "a torn leaf keeps its CA");
-    }
+/// The operator's namespace, the datastore's credentials as Secrets there and the
+/// `default` DataStore naming them.
+async fn publish_datastore(client: &kube::Client, pki: &Path, port: u16) -> Result<(), Error> {
+    let b64 = |b: Vec<u8>| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    let objects = vec![
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "default-datastore-ca", "namespace": NAMESPACE},
+            "data": {"ca.crt": b64(read(pki, "etcd-ca.crt")?), "ca.key": b64(read(pki, "etcd-ca.key")?)}}),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "default-datastore-root", "namespace": NAMESPACE},
+            "data": {"tls.crt": b64(read(pki, "etcd-root.crt")?), "tls.key": b64(read(pki, "etcd-root.key")?)}}),
+        json!({"apiVersion": "tether.dev/v1alpha1", "kind": "DataStore", "metadata": {"name": DEFAULT_DATASTORE},
+            "spec": {"driver": "etcd", "endpoints": [format!("127.0.0.1:{port}")], "tlsConfig": {
+                "certificateAuthority": {
+                    "certificate": {"name": "default-datastore-ca", "key": "ca.crt"},
+                    "privateKey": {"name": "default-datastore-ca", "key": "ca.key"}},
+                "clientCertificate": {
+                    "certificate": {"name": "default-datastore-root", "key": "tls.crt"},
+                    "privateKey": {"name": "default-datastore-root", "key": "tls.key"}}}}}),
+    ];
+    apply_objects(client, &objects).await
 }

@@ -100,7 +100,7 @@ async fn ca_rotation_keeps_old_kubeconfigs_until_complete() {
     let new_hash = t.status.unwrap().ca_hash.unwrap();
     assert_ne!(new_hash, old_hash);
     let ca = op.secret("default", "rot-pki", "ca.crt");
-    assert_eq!(new_hash, tether_operator::pki::ca_hash(&ca).unwrap());
+    assert_eq!(new_hash, tether_operator::x509::ca_hash(&ca).unwrap());
     // Kubeconfigs handed out during the rotation keep working; the old one no longer does.
     assert!(
         works(&mid_kc).await,

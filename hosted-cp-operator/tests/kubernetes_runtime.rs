@@ -12,13 +12,14 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 use tether_api::tenant_control_plane::KubernetesSpec;
-use tether_operator::pki::{self, Files, PkiInputs};
-use tether_operator::render::{self, Ports, RenderInputs, Secrets, Storage};
-use tether_operator::runtime::kubernetes::manifests;
+use tether_operator::controlplane::pki::{self, PkiInputs};
+use tether_operator::controlplane::render::{self, Ports, RenderInputs, Secrets, Storage};
+use tether_operator::controlplane::runtime::kubernetes::manifests;
+use tether_operator::kube::Files;
 use tether_testkit::TestCluster;
 
 async fn apply(client: &kube::Client, obj: &Value) -> Value {
-    let (api, name) = tether_operator::bootstrap::dynamic_api(client, obj).unwrap();
+    let (api, name) = tether_operator::kube::dynamic_api(client, obj).unwrap();
     let out = api
         .patch(
             &name,
@@ -92,7 +93,7 @@ async fn deployment_service_and_secrets_are_accepted_with_process_args() {
             now,
         )
         .unwrap();
-        let (kcs, _) = tether_operator::kubeconfig::ensure(
+        let (kcs, _) = tether_operator::controlplane::kubeconfig::ensure(
             "t1",
             &pki_files,
             "https://127.0.0.1:6443",

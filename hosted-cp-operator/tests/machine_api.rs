@@ -35,9 +35,7 @@ async fn env(tweak: impl FnOnce(&mut Settings)) -> Env {
         .await
         .expect("start kube-apiserver + etcd");
     let client = cluster.client();
-    tether_operator::standalone::install_crds(&client)
-        .await
-        .unwrap();
+    tether_operator::crds::install(&client).await.unwrap();
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.create(
         &PostParams::default(),

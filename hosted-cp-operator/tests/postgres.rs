@@ -188,7 +188,7 @@ async fn tenant_on_postgres_through_kine() {
     assert_eq!(t.status.unwrap().data_store.as_deref(), Some("pg"));
     let admin = op.admin_kubeconfig("pgt");
     kubectl(&admin, &["create", "namespace", "in-postgres"]).unwrap();
-    let db = tether_operator::datastore::pg_name("default", "pgt");
+    let db = tether_operator::controlplane::datastore::pg_name("default", "pgt");
     // The tenant's objects are rows in its own database, owned by its own role.
     assert_eq!(
         pg.psql(&format!(

@@ -46,7 +46,7 @@ async fn standalone_tenants_end_to_end() {
     let ca = op.secret("default", "alpha-pki", "ca.crt");
     assert_eq!(
         st.ca_hash.as_deref(),
-        Some(tether_operator::pki::ca_hash(&ca).unwrap().as_str())
+        Some(tether_operator::x509::ca_hash(&ca).unwrap().as_str())
     );
 
     // --- The admin kubeconfig works with kubectl. -------------------------------------
@@ -253,12 +253,11 @@ async fn standalone_tenants_end_to_end() {
     )
     .unwrap();
     let killed = Instant::now();
-    let client = tether_operator::controller::client_from_kubeconfig(
-        &std::fs::read_to_string(&admin).unwrap(),
-    )
-    .await
-    .unwrap();
-    tether_operator::controller::wait_readyz(&client, Duration::from_secs(10))
+    let client =
+        tether_operator::kube::client_from_kubeconfig(&std::fs::read_to_string(&admin).unwrap())
+            .await
+            .unwrap();
+    tether_operator::kube::wait_readyz(&client, Duration::from_secs(10))
         .await
         .expect("apiserver back within 10 s");
     let back = killed.elapsed();
@@ -441,7 +440,7 @@ async fn standalone_tenants_end_to_end() {
         },
     )
     .await;
-    tether_operator::controller::wait_readyz(&client, Duration::from_secs(60))
+    tether_operator::kube::wait_readyz(&client, Duration::from_secs(60))
         .await
         .unwrap();
     eprintln!(

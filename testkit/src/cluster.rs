@@ -8,16 +8,19 @@
 
 use std::future::Future;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tether_operator::controlplane::component::{ApiserverArgs, single_member_etcd};
+use tether_operator::fs::write_atomic;
+use tether_operator::kube::{client_from_kubeconfig, render_kubeconfig};
+use tether_operator::x509::{self, LeafSpec};
 use tether_upstream::Component;
+use time::OffsetDateTime;
 
 use crate::binaries::binary;
-use crate::kubeconfig;
-use crate::pki::{Ca, CertPair, LeafSpec};
 use crate::ports::free_port;
 use crate::process::Process;
 use crate::{Error, Result};
@@ -39,18 +42,16 @@ impl Etcd {
     pub async fn start(dir: &Path) -> Result<Etcd> {
         let (client_port, peer_port) = (free_port(), free_port());
         let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let data = dir.join("etcd-data");
+        // Test data is thrown away: skip fsync so disk latency does not dominate tests.
+        let spec = single_member_etcd(
+            "default",
+            &dir.join("etcd-data"),
+            "http",
+            (client_port, peer_port),
+            vec!["--unsafe-no-fsync".into()],
+        );
         let mut cmd = Command::new(binary(Component::Etcd)?);
-        cmd.arg("--name=default")
-            .arg(format!("--data-dir={}", data.display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=default={peer_url}"))
-            // Test data is thrown away: skip fsync so disk latency does not dominate tests.
-            .arg("--unsafe-no-fsync");
+        cmd.args(&spec.args);
         let mut process = Process::spawn("etcd", cmd, &dir.join("etcd.log"))?;
         let addr = format!("127.0.0.1:{client_port}");
         wait_ready("etcd", &mut process, || {
@@ -107,8 +108,10 @@ pub struct TestCluster {
     server: String,
     admin_kubeconfig: PathBuf,
     client: kube::Client,
-    ca: Ca,
-    admin: CertPair,
+    /// The cluster CA: `(cert PEM, key PEM)`.
+    ca: (String, String),
+    /// The admin's client certificate: `(cert PEM, key PEM)`.
+    admin: (String, String),
     dir: tempfile::TempDir,
 }
 
@@ -126,53 +129,20 @@ impl TestCluster {
         std::fs::create_dir_all(&pki).map_err(Error::io("create", &pki))?;
 
         let etcd = Etcd::start(&root).await?;
-
-        let ca = Ca::new("tether-test-ca")?;
-        let (ca_crt, _) = ca.pair().write(&pki, "ca")?;
-        let (_, ca_key) = ca.pair().write(&pki, "ca")?;
-        let serving = ca.issue(&LeafSpec::loopback_server(
-            "kube-apiserver",
-            &["kubernetes", "kubernetes.default", "kubernetes.default.svc"],
-        ))?;
-        let (tls_crt, tls_key) = serving.write(&pki, "apiserver")?;
-        let (sa_key, sa_pub) = crate::pki::service_account_key()?;
-        let sa_key_path = pki.join("sa.key");
-        let sa_pub_path = pki.join("sa.pub");
-        std::fs::write(&sa_key_path, sa_key).map_err(Error::io("write", &sa_key_path))?;
-        std::fs::write(&sa_pub_path, sa_pub).map_err(Error::io("write", &sa_pub_path))?;
-        let admin = ca.issue(&LeafSpec::client("tether-admin", &["system:masters"]))?;
+        let ca = write_pki(&pki)?;
+        let admin = issue(&ca, &LeafSpec::client("tether-admin", &["system:masters"]))?;
 
         let port = free_port();
         let server = format!("https://127.0.0.1:{port}");
         let mut cmd = Command::new(binary(Component::KubeApiserver)?);
-        cmd.arg(format!("--etcd-servers={}", etcd.client_url()))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={port}"))
-            .arg(format!("--tls-cert-file={}", tls_crt.display()))
-            .arg(format!("--tls-private-key-file={}", tls_key.display()))
-            .arg(format!("--client-ca-file={}", ca_crt.display()))
-            .arg(format!(
-                "--service-account-key-file={}",
-                sa_pub_path.display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                sa_key_path.display()
-            ))
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!("--service-cluster-ip-range={SERVICE_CIDR}"))
-            .arg("--authorization-mode=Node,RBAC")
-            .arg("--enable-bootstrap-token-auth=true")
-            .arg("--allow-privileged=true")
-            .arg(format!("--cert-dir={}", pki.display()));
+        cmd.args(apiserver_args(&pki, etcd.client_url(), port));
         let mut apiserver =
             Process::spawn("kube-apiserver", cmd, &root.join("kube-apiserver.log"))?;
 
-        let admin_yaml = kubeconfig::render(&server, &ca.pair().cert_pem, "tether-admin", &admin);
+        let admin_yaml = kubeconfig(&server, &ca.0, "tether-admin", &admin);
         let admin_kubeconfig = root.join("admin.kubeconfig");
-        kubeconfig::write(&admin_kubeconfig, &admin_yaml)?;
-        let client = kubeconfig::client(&admin_kubeconfig).await?;
+        write_atomic(&admin_kubeconfig, admin_yaml.as_bytes())?;
+        let client = client_from_kubeconfig(&admin_yaml).await?;
         wait_ready("kube-apiserver", &mut apiserver, || {
             let client = client.clone();
             async move { readyz(&client, "/readyz").await }
@@ -192,18 +162,16 @@ impl TestCluster {
             dir,
         };
         if options.controller_manager {
-            let mut extra = vec![
-                format!(
-                    "--service-account-private-key-file={}",
-                    sa_key_path.display()
-                ),
-                format!("--root-ca-file={}", ca_crt.display()),
-                format!("--cluster-signing-cert-file={}", ca_crt.display()),
-                format!("--cluster-signing-key-file={}", ca_key.display()),
+            let file = |f: &str| pki.join(f).display().to_string();
+            let extra = vec![
+                format!("--service-account-private-key-file={}", file("sa.key")),
+                format!("--root-ca-file={}", file("ca.crt")),
+                format!("--cluster-signing-cert-file={}", file("ca.crt")),
+                format!("--cluster-signing-key-file={}", file("ca.key")),
                 "--use-service-account-credentials=true".into(),
                 "--controllers=*,bootstrapsigner,tokencleaner".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             ];
-            extra.push(format!("--service-cluster-ip-range={SERVICE_CIDR}"));
             let p = cluster
                 .start_component(
                     Component::KubeControllerManager,
@@ -234,16 +202,13 @@ impl TestCluster {
         let name = component.name();
         let root = self.dir.path();
         let pki = root.join("pki");
-        let identity = self.ca.issue(&LeafSpec::client(user, &[]))?;
+        let identity = self.issue(&LeafSpec::client(user, &[]))?;
         let kc_path = root.join(format!("{name}.kubeconfig"));
-        kubeconfig::write(
-            &kc_path,
-            &kubeconfig::render(&self.server, &self.ca.pair().cert_pem, user, &identity),
-        )?;
-        let (crt, key) = self
-            .ca
-            .issue(&LeafSpec::loopback_server(name, &[]))?
-            .write(&pki, name)?;
+        let kc = kubeconfig(&self.server, &self.ca.0, user, &identity);
+        write_atomic(&kc_path, kc.as_bytes())?;
+        let (dns, ips) = loopback(&[]);
+        let serving = self.issue(&LeafSpec::server(name, &dns, &ips))?;
+        let (crt, key) = write_pair(&pki, name, &serving)?;
         let port = free_port();
         let mut cmd = Command::new(binary(component)?);
         cmd.arg(format!("--kubeconfig={}", kc_path.display()))
@@ -256,13 +221,9 @@ impl TestCluster {
             .arg("--leader-elect=false")
             .args(extra);
         let mut process = Process::spawn(name, cmd, &root.join(format!("{name}.log")))?;
-        let probe = kubeconfig::client_from_yaml(&kubeconfig::render(
-            &format!("https://127.0.0.1:{port}"),
-            &self.ca.pair().cert_pem,
-            "tether-admin",
-            &self.admin,
-        ))
-        .await?;
+        let server = format!("https://127.0.0.1:{port}");
+        let probe = kubeconfig(&server, &self.ca.0, "tether-admin", &self.admin);
+        let probe = client_from_kubeconfig(&probe).await?;
         wait_ready(name, &mut process, || {
             let probe = probe.clone();
             async move { readyz(&probe, "/healthz").await }
@@ -286,9 +247,14 @@ impl TestCluster {
         &self.server
     }
 
-    /// The cluster CA (to issue more identities).
-    pub fn ca(&self) -> &Ca {
-        &self.ca
+    /// The cluster CA's certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca.0
+    }
+
+    /// A certificate issued by the cluster CA (another identity): `(cert PEM, key PEM)`.
+    pub fn issue(&self, spec: &LeafSpec<'_>) -> Result<(String, String)> {
+        issue(&self.ca, spec)
     }
 
     /// The cluster's working directory (logs, certs, kubeconfigs).
@@ -336,6 +302,82 @@ impl TestCluster {
         }
         Ok(())
     }
+}
+
+/// Writes the cluster CA, the API server's serving certificate and the service-account key
+/// pair into `pki` under the names [`ApiserverArgs`] reads; returns the CA.
+fn write_pki(pki: &Path) -> Result<(String, String)> {
+    let ca = x509::new_ca("tether-test-ca", OffsetDateTime::now_utc())?;
+    write_pair(pki, "ca", &ca)?;
+    let (dns, ips) = loopback(&["kubernetes", "kubernetes.default", "kubernetes.default.svc"]);
+    let serving = issue(&ca, &LeafSpec::server("kube-apiserver", &dns, &ips))?;
+    write_pair(pki, "apiserver", &serving)?;
+    let (sa_key, sa_pub) = x509::service_account_key()?;
+    write_atomic(&pki.join("sa.key"), sa_key.as_bytes())?;
+    write_atomic(&pki.join("sa.pub"), sa_pub.as_bytes())?;
+    Ok(ca)
+}
+
+/// The test API server: the flags every Tether API server shares, plus bootstrap tokens
+/// and privileged pods for the nodes tests join.
+fn apiserver_args(pki: &Path, etcd: &str, port: u16) -> Vec<String> {
+    let pki_dir = pki.display().to_string();
+    let mut args = ApiserverArgs {
+        etcd_servers: etcd,
+        bind_address: "127.0.0.1",
+        advertise_address: "127.0.0.1",
+        secure_port: port,
+        pki_dir: &pki_dir,
+        client_ca: "ca.crt",
+        service_account_issuer: "https://kubernetes.default.svc",
+        service_cidr: SERVICE_CIDR,
+        authorization_mode: "Node,RBAC",
+    }
+    .args();
+    args.extend([
+        "--enable-bootstrap-token-auth=true".to_string(),
+        "--allow-privileged=true".into(),
+        format!("--cert-dir={pki_dir}"),
+    ]);
+    args
+}
+
+/// A leaf issued by `ca`.
+fn issue(ca: &(String, String), spec: &LeafSpec<'_>) -> Result<(String, String)> {
+    let (cert, key) = ca;
+    let now = OffsetDateTime::now_utc();
+    Ok(x509::issue_with(
+        cert.as_bytes(),
+        key.as_bytes(),
+        spec,
+        now,
+    )?)
+}
+
+/// Writes `dir/<name>.crt` and `dir/<name>.key`; returns both paths.
+fn write_pair(
+    dir: &Path,
+    name: &str,
+    (cert, key): &(String, String),
+) -> Result<(PathBuf, PathBuf)> {
+    let crt_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    write_atomic(&crt_path, cert.as_bytes())?;
+    write_atomic(&key_path, key.as_bytes())?;
+    Ok((crt_path, key_path))
+}
+
+/// Serving names for loopback: `localhost` and `extra`, and 127.0.0.1.
+fn loopback(extra: &[&str]) -> (Vec<String>, Vec<IpAddr>) {
+    let mut dns = vec!["localhost".to_string()];
+    dns.extend(extra.iter().map(|d| d.to_string()));
+    (dns, vec![IpAddr::from([127, 0, 0, 1])])
+}
+
+/// A kubeconfig for `server` trusting `ca_pem`, as `user` with `client`.
+fn kubeconfig(server: &str, ca_pem: &str, user: &str, (cert, key): &(String, String)) -> String {
+    let (ca, cert, key) = (ca_pem.as_bytes(), cert.as_bytes(), key.as_bytes());
+    render_kubeconfig("test", server, ca, user, cert, key)
 }
 
 /// `Ok(true)` once `path` answers 200 `ok`.

@@ -38,9 +38,9 @@ pub enum Error {
         status: String,
         log_tail: String,
     },
-    /// Certificate generation failed.
-    #[error("pki: {0}")]
-    Pki(#[from] rcgen::Error),
+    /// An operator helper (certificates, kubeconfigs, files) failed.
+    #[error(transparent)]
+    Operator(#[from] tether_operator::Error),
     /// Building a Kubernetes client failed.
     #[error("kube client: {0}")]
     Kube(String),

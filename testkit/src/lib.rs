@@ -5,15 +5,14 @@
 //! bridges, veth pairs and taps; [`nspawn`] boots a root filesystem with real systemd under
 //! `systemd-nspawn` and talks to it over D-Bus. Every helper cleans up on drop and removes
 //! leftovers of killed runs ([`state`]). A missing binary or tool is an error that says what
-//! to install, never a skipped test.
+//! to install, never a skipped test. Certificates, kubeconfigs, free ports and the
+//! kube-apiserver and etcd flags come from `tether-operator`, so tests run what it runs.
 
 pub mod binaries;
 pub mod cluster;
 pub mod error;
-pub mod kubeconfig;
 pub mod netns;
 pub mod nspawn;
-pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod qemu;

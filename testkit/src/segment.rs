@@ -44,11 +44,28 @@ impl Segment {
         let ns = NetNs::create()?;
         ns.add_bridge(BRIDGE, Some(&format!("{}/24", addr(prefix, 2))))?;
         let uplink = format!("tsg{}", std::process::id() % 1_000_000);
-        let _ = Command::new("ip").args(["link", "delete", &uplink]).output();
+        let _ = Command::new("ip")
+            .args(["link", "delete", &uplink])
+            .output();
         run(Command::new("ip").args([
-            "link", "add", &uplink, "type", "veth", "peer", "name", "up0", "netns", ns.name(),
+            "link",
+            "add",
+            &uplink,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "up0",
+            "netns",
+            ns.name(),
         ]))?;
-        run(Command::new("ip").args(["addr", "add", &format!("{}/24", addr(prefix, 1)), "dev", &uplink]))?;
+        run(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{}/24", addr(prefix, 1)),
+            "dev",
+            &uplink,
+        ]))?;
         run(Command::new("ip").args(["link", "set", &uplink, "up"]))?;
         ns.ip(&["link", "set", "up0", "master", BRIDGE])?;
         ns.ip(&["link", "set", "up0", "up"])?;
@@ -112,7 +129,9 @@ impl Drop for Segment {
     fn drop(&mut self) {
         self.dhcp.stop(std::time::Duration::from_secs(2));
         // Deleting the namespace takes the veth pair with it; the host end too, to be sure.
-        let _ = Command::new("ip").args(["link", "delete", &self.uplink]).output();
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.uplink])
+            .output();
     }
 }
 
@@ -149,16 +168,26 @@ fn start_dnsmasq(ns: &NetNs, p: [u8; 3], dir: &Path) -> Result<Process> {
     let dnsmasq = crate::rootfs::which("dnsmasq", "install dnsmasq-base (cargo xtask deps does)")?;
     let leases = dir.join("dnsmasq.leases");
     let mut cmd = ns.command(dnsmasq);
-    cmd.args(["--keep-in-foreground", "--log-dhcp", "--log-facility=-", "--no-resolv", "--no-hosts"])
-        .arg("--port=0")
-        .arg(format!("--interface={BRIDGE}"))
-        .arg("--bind-interfaces")
-        .arg(format!("--dhcp-range={},{},255.255.255.0,1h", addr(p, 100), addr(p, 199)))
-        // The host is the segment's router and NTP server, as a site's gateway would be.
-        .arg(format!("--dhcp-option=option:router,{}", addr(p, 1)))
-        .arg(format!("--dhcp-option=option:ntp-server,{}", addr(p, 1)))
-        .arg(format!("--dhcp-leasefile={}", leases.display()))
-        .arg("--pid-file=");
+    cmd.args([
+        "--keep-in-foreground",
+        "--log-dhcp",
+        "--log-facility=-",
+        "--no-resolv",
+        "--no-hosts",
+    ])
+    .arg("--port=0")
+    .arg(format!("--interface={BRIDGE}"))
+    .arg("--bind-interfaces")
+    .arg(format!(
+        "--dhcp-range={},{},255.255.255.0,1h",
+        addr(p, 100),
+        addr(p, 199)
+    ))
+    // The host is the segment's router and NTP server, as a site's gateway would be.
+    .arg(format!("--dhcp-option=option:router,{}", addr(p, 1)))
+    .arg(format!("--dhcp-option=option:ntp-server,{}", addr(p, 1)))
+    .arg(format!("--dhcp-leasefile={}", leases.display()))
+    .arg("--pid-file=");
     let log = dir.join("dnsmasq.log");
     let mut proc = Process::spawn("dnsmasq", cmd, &log)?;
     // dnsmasq logs "started" once its sockets are bound.

@@ -12,20 +12,13 @@ use std::net::IpAddr;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
-use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose,
-};
 use sha2::{Digest, Sha256};
 use tether_api::machine_api::{CA_SECRET, MACHINE_CN_PREFIX};
 use tether_boot::CaPin;
 use time::{Duration, OffsetDateTime};
 
 use crate::error::Error;
-use crate::pki::{self, LeafSpec};
-
-/// How far certificates are backdated (clock skew between operator and nodes).
-pub const BACKDATE: Duration = Duration::minutes(5);
+use crate::x509::{self, Csr, LeafSpec};
 
 /// The machine API CA: certificate and key, PEM.
 #[derive(Clone)]
@@ -50,7 +43,7 @@ impl Ca {
         if let Some(ca) = Self::load(secrets).await? {
             return Ok(ca);
         }
-        let (cert_pem, key_pem) = pki::new_ca("tether-machine-api", OffsetDateTime::now_utc())?;
+        let (cert_pem, key_pem) = x509::new_ca("tether-machine-api", OffsetDateTime::now_utc())?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(CA_SECRET.into()),
@@ -97,7 +90,7 @@ impl Ca {
             cert_pem: get("tls.crt")?,
             key_pem: get("tls.key")?,
         };
-        if !pki::key_matches(ca.cert_pem.as_bytes(), ca.key_pem.as_bytes()) {
+        if !x509::key_matches(ca.cert_pem.as_bytes(), ca.key_pem.as_bytes()) {
             return Err(Error::Invalid(format!(
                 "Secret {CA_SECRET}: the key does not belong to the certificate"
             )));
@@ -108,23 +101,16 @@ impl Ca {
     /// A serving certificate for the API's host names and addresses: `(cert PEM with the
     /// CA appended, key PEM)`. The chain carries the CA so a node can match its pin.
     pub fn serving(&self, dns: &[String], ips: &[IpAddr]) -> Result<(String, String), Error> {
-        let (cert, key) = pki::issue_with(
-            &self.cert_pem,
-            &self.key_pem,
-            &LeafSpec {
-                cn: "tether-machine-api",
-                orgs: &[],
-                dns,
-                ips,
-                server: true,
-                client: false,
-            },
+        let (cert, key) = x509::issue_with(
+            self.cert_pem.as_bytes(),
+            self.key_pem.as_bytes(),
+            &LeafSpec::server("tether-machine-api", dns, ips),
             OffsetDateTime::now_utc(),
         )?;
         Ok((format!("{cert}{}", self.cert_pem), key))
     }
 
-    /// Signs a node's CSR as the certificate of `machine`.
+    /// Signs a node's CSR as the certificate of `machine` (CN `tether:machine:<name>`).
     pub fn sign(
         &self,
         csr: &Csr,
@@ -132,55 +118,19 @@ impl Ca {
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<Issued, Error> {
-        let key = KeyPair::from_pem(&self.key_pem).map_err(Error::pki("load CA key"))?;
-        let issuer =
-            Issuer::from_ca_cert_pem(&self.cert_pem, key).map_err(Error::pki("load CA"))?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("{MACHINE_CN_PREFIX}{machine}"));
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = now - BACKDATE;
-        params.not_after = now + lifetime;
-        let req = CertificateSigningRequestParams {
-            params,
-            public_key: csr.params.public_key.clone(),
-        };
-        let cert = req
-            .signed_by(&issuer)
-            .map_err(Error::pki("sign machine certificate"))?;
+        let (pem, sha256) = x509::sign_client_csr(
+            &self.cert_pem,
+            &self.key_pem,
+            csr,
+            &format!("{MACHINE_CN_PREFIX}{machine}"),
+            lifetime,
+            now,
+        )?;
         Ok(Issued {
-            sha256: hex::encode(Sha256::digest(cert.der())),
-            pem: cert.pem(),
+            pem,
+            sha256,
             not_after: now + lifetime,
         })
-    }
-}
-
-/// A parsed, signature-checked CSR and the hash of its key.
-pub struct Csr {
-    params: CertificateSigningRequestParams,
-    /// Hex sha256 of the requested key's SubjectPublicKeyInfo.
-    pub key_sha256: String,
-}
-
-impl Csr {
-    /// Parses a PEM CSR and checks its self-signature (proof the sender holds the key).
-    pub fn parse(pem: &str) -> Result<Csr, String> {
-        use x509_parser::prelude::FromDer;
-        let params = CertificateSigningRequestParams::from_pem(pem)
-            .map_err(|e| format!("the CSR does not parse or its signature is wrong: {e}"))?;
-        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-            .map_err(|e| format!("the CSR is not PEM: {e}"))?;
-        let (_, req) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents)
-                .map_err(|e| format!("the CSR does not parse: {e}"))?;
-        let key_sha256 = hex::encode(Sha256::digest(
-            req.certification_request_info.subject_pki.raw,
-        ));
-        Ok(Csr { params, key_sha256 })
     }
 }
 
@@ -225,9 +175,10 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair};
 
     fn ca() -> Ca {
-        let (cert_pem, key_pem) = pki::new_ca("t", OffsetDateTime::now_utc()).unwrap();
+        let (cert_pem, key_pem) = x509::new_ca("t", OffsetDateTime::now_utc()).unwrap();
         Ca { cert_pem, key_pem }
     }
 
@@ -263,8 +214,10 @@ mod tests {
         );
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.client_auth && !eku.server_auth);
-        assert!(cert.validity().not_before.timestamp() <= (now - BACKDATE).unix_timestamp());
-        assert!(pki::cert_fresh_and_issued_by(
+        assert!(
+            cert.validity().not_before.timestamp() <= (now - Duration::minutes(5)).unix_timestamp()
+        );
+        assert!(x509::cert_fresh_and_issued_by(
             issued.pem.as_bytes(),
             ca.cert_pem.as_bytes(),
             now
@@ -303,7 +256,7 @@ mod tests {
         assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
         assert_eq!(
             ca.pin().unwrap().to_string(),
-            pki::ca_hash(ca.cert_pem.as_bytes()).unwrap()
+            x509::ca_hash(ca.cert_pem.as_bytes()).unwrap()
         );
     }
 }

@@ -28,9 +28,9 @@ use tether_boot::{Mac, Token};
 use time::OffsetDateTime;
 
 use super::Server;
-use super::certs::Csr;
 use super::http::{Failure, read_json};
 use super::inventory::{Inventory, rfc3339};
+use crate::x509::Csr;
 
 /// Compare-and-swap attempts on a token record before giving up.
 const CAS_ATTEMPTS: usize = 8;

@@ -11,12 +11,13 @@ use serde_json::json;
 use tether_api::machine::{AGENT_REACHABLE, Facts, MAC_LABEL, MachineCertificate, UUID_LABEL};
 use tether_api::machine_api::DesiredConfig;
 use tether_api::token::TokenRecord;
-use tether_api::{Condition, Machine, MachinePhase, MachineSpec};
+use tether_api::{Machine, MachinePhase, MachineSpec};
 use tether_boot::Mac;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::error::Error;
+use crate::kube::{condition, merge_conditions};
 
 /// RFC 3339 of `t`.
 pub fn rfc3339(t: OffsetDateTime) -> String {
@@ -68,41 +69,6 @@ pub fn desired(m: &Machine, report_seconds: u32) -> DesiredConfig {
         image: m.spec.image.clone(),
         report_seconds,
     }
-}
-
-/// A condition with `now` as its transition time.
-pub fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: &str,
-    now: OffsetDateTime,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: Some(rfc3339(now)),
-        observed_generation: None,
-    }
-}
-
-/// `old` with `new` merged in by type, keeping the transition time of unchanged statuses.
-pub fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition> {
-    let mut out: Vec<Condition> = old.to_vec();
-    for c in new {
-        match out.iter_mut().find(|o| o.type_ == c.type_) {
-            Some(o) if o.status == c.status => {
-                let t = o.last_transition_time.clone();
-                *o = c;
-                o.last_transition_time = t;
-            }
-            Some(o) => *o = c,
-            None => out.push(c),
-        }
-    }
-    out
 }
 
 /// Machine reads and writes.
@@ -221,7 +187,7 @@ impl Inventory {
                 true,
                 "Enrolled",
                 "the agent enrolled",
-                now,
+                None,
             )],
         );
         let patch = json!({"status": {
@@ -328,25 +294,5 @@ mod tests {
         assert_eq!(phase_after_report(Assigned, Some(Enrolled)), Assigned);
         assert_eq!(phase_after_report(Enrolled, Some(Ready)), Enrolled);
         assert_eq!(phase_after_report(Enrolled, None), Enrolled);
-    }
-
-    #[test]
-    fn conditions_keep_their_transition_time() {
-        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let t1 = t0 + time::Duration::minutes(1);
-        let old = vec![condition(AGENT_REACHABLE, true, "Reporting", "", t0)];
-        let same = merge_conditions(
-            &old,
-            vec![condition(AGENT_REACHABLE, true, "Reporting", "x", t1)],
-        );
-        assert_eq!(same[0].last_transition_time, Some(rfc3339(t0)));
-        assert_eq!(same[0].message, "x");
-        let flipped = merge_conditions(
-            &old,
-            vec![condition(AGENT_REACHABLE, false, "NoReport", "", t1)],
-        );
-        assert_eq!(flipped[0].last_transition_time, Some(rfc3339(t1)));
-        let added = merge_conditions(&old, vec![condition("Other", true, "R", "", t1)]);
-        assert_eq!(added.len(), 2);
     }
 }

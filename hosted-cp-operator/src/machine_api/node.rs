@@ -19,9 +19,11 @@ use tether_api::machine_api::{
 use time::OffsetDateTime;
 
 use super::Server;
-use super::certs::{Csr, Peer};
+use super::certs::Peer;
 use super::http::{Failure, read_json};
-use super::inventory::{self, Inventory, condition, merge_conditions, rfc3339};
+use super::inventory::{self, Inventory, rfc3339};
+use crate::kube::{condition, merge_conditions};
+use crate::x509::Csr;
 
 /// Longest a long-poll is held.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -141,7 +143,7 @@ pub async fn status(
         true,
         "Reporting",
         "the agent reports",
-        now,
+        None,
     ));
     let mut patch = json!({"status": {
         "phase": inventory::phase_after_report(status.phase, report.phase),

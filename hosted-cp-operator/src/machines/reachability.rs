@@ -11,7 +11,8 @@ use tether_api::machine::AGENT_REACHABLE;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::machine_api::inventory::{Inventory, condition, merge_conditions};
+use crate::kube::{condition, merge_conditions};
+use crate::machine_api::inventory::Inventory;
 
 /// Missed reports before a machine counts as unreachable.
 pub const MISSED_REPORTS: u32 = 3;
@@ -75,7 +76,7 @@ pub async fn run(client: kube::Client, report_seconds: u32) {
                     false,
                     "NoRecentReport",
                     &why,
-                    now,
+                    None,
                 )],
             );
             let patch = json!({"status": {"conditions": conditions}});
@@ -103,7 +104,7 @@ mod tests {
                     false,
                     "NoRecentReport",
                     "",
-                    OffsetDateTime::now_utc(),
+                    None,
                 )]
             } else {
                 vec![]

@@ -68,7 +68,7 @@ impl Standalone {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let kc = std::fs::read_to_string(dir.join("management.kubeconfig")).unwrap();
-        let client = tether_operator::controller::client_from_kubeconfig(&kc)
+        let client = tether_operator::kube::client_from_kubeconfig(&kc)
             .await
             .unwrap();
         Standalone {

@@ -4,6 +4,7 @@
 
 pub mod kubernetes;
 pub mod process;
+pub mod supervisor;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use std::time::Duration;
 
 use tether_api::TenantControlPlaneSpec;
 
+use crate::controlplane::component::ComponentSpec;
+use crate::controlplane::render::Ports;
 use crate::error::Error;
-use crate::render::{ComponentSpec, Ports};
 
 /// The runtime the operator runs tenants with.
 #[derive(Clone)]
@@ -41,6 +43,14 @@ pub struct Placement {
 }
 
 impl Runtime {
+    /// The `kubernetes` runtime on `client`, with the default images.
+    pub fn kubernetes(client: kube::Client) -> Runtime {
+        Runtime::Kubernetes(kubernetes::KubernetesRuntime {
+            client,
+            images: Default::default(),
+        })
+    }
+
     /// Ports, addresses and endpoint of tenant `ns/name`. Pure for the kubernetes runtime;
     /// the process runtime allocates (once) and persists ports.
     pub fn placement(

@@ -1,15 +1,17 @@
 //! Kubeconfigs for the admin and the control-plane components, each with its own client
 //! certificate from the tenant's cluster CA.
 //!
-//! [`ensure`] is pure like [`crate::pki::ensure`]: an existing kubeconfig is kept while it
+//! [`ensure`] is pure like [`super::pki::ensure`]: an existing kubeconfig is kept while it
 //! points at the same server, trusts the current CA and its certificate is fresh.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use time::OffsetDateTime;
 
+use super::pki;
 use crate::error::Error;
-use crate::pki::{self, Files, LeafSpec};
+use crate::kube::{Files, render_kubeconfig};
+use crate::x509::{self, LeafSpec};
 
 /// One kubeconfig the operator maintains.
 pub struct KubeconfigDef {
@@ -54,33 +56,6 @@ pub const KUBECONFIGS: &[KubeconfigDef] = &[
         external: false,
     },
 ];
-
-/// Renders a kubeconfig for `server` that trusts `ca_pem` and authenticates with a client
-/// certificate.
-pub fn render(
-    cluster: &str,
-    server: &str,
-    ca_pem: &[u8],
-    user: &str,
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> String {
-    let doc = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": cluster, "cluster": {
-            "server": server,
-            "certificate-authority-data": STANDARD.encode(ca_pem),
-        }}],
-        "users": [{"name": user, "user": {
-            "client-certificate-data": STANDARD.encode(cert_pem),
-            "client-key-data": STANDARD.encode(key_pem),
-        }}],
-        "contexts": [{"name": format!("{user}@{cluster}"), "context": {"cluster": cluster, "user": user}}],
-        "current-context": format!("{user}@{cluster}"),
-    });
-    serde_yaml::to_string(&doc).expect("a JSON value always renders as YAML")
-}
 
 /// The server and CA a kubeconfig points at, and its client certificate.
 fn parts(yaml: &[u8]) -> Option<(String, Vec<u8>, Vec<u8>)> {
@@ -127,29 +102,22 @@ pub fn ensure(
             .get(def.file)
             .and_then(|y| parts(y))
             .is_some_and(|(s, c, cert)| {
-                s == server && &c == ca && pki::cert_fresh_and_issued_by(&cert, signing_crt, now)
+                s == server && &c == ca && x509::cert_fresh_and_issued_by(&cert, signing_crt, now)
             });
         if keep {
             out.insert(def.file.to_string(), existing[def.file].clone());
             continue;
         }
         changed = true;
-        let (cert, key) = pki::issue_with(
-            std::str::from_utf8(signing_crt).unwrap_or_default(),
-            std::str::from_utf8(ca_key).unwrap_or_default(),
-            &LeafSpec {
-                cn: def.user,
-                orgs: def.groups,
-                dns: &[],
-                ips: &[],
-                server: false,
-                client: true,
-            },
+        let (cert, key) = x509::issue_with(
+            signing_crt,
+            ca_key,
+            &LeafSpec::client(def.user, def.groups),
             now,
         )?;
         out.insert(
             def.file.to_string(),
-            render(
+            render_kubeconfig(
                 cluster,
                 server,
                 ca,
@@ -165,8 +133,8 @@ pub fn ensure(
 
 #[cfg(test)]
 mod tests {
+    use super::pki::PkiInputs;
     use super::*;
-    use crate::pki::PkiInputs;
 
     fn pki() -> Files {
         let inputs = PkiInputs {

@@ -16,7 +16,7 @@ use std::process::Command;
 use time::OffsetDateTime;
 
 use crate::error::Error;
-use crate::pki::{self, LeafSpec};
+use crate::x509::{self, LeafSpec};
 
 /// The key prefix of tenant `ns/name` (the API server's `--etcd-prefix`).
 pub fn etcd_prefix(ns: &str, name: &str) -> String {
@@ -141,9 +141,9 @@ impl EtcdAdmin {
 /// Writes the admin credentials etcdctl needs into `dir` (mode 0600).
 pub fn write_creds(dir: &Path, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
-    crate::runtime::process::write_atomic(&dir.join("ca.crt"), ca)?;
-    crate::runtime::process::write_atomic(&dir.join("root.crt"), cert)?;
-    crate::runtime::process::write_atomic(&dir.join("root.key"), key)
+    crate::fs::write_atomic(&dir.join("ca.crt"), ca)?;
+    crate::fs::write_atomic(&dir.join("root.crt"), cert)?;
+    crate::fs::write_atomic(&dir.join("root.key"), key)
 }
 
 /// A client certificate for etcd user `user`, signed by the datastore's CA.
@@ -152,17 +152,10 @@ pub fn tenant_client_cert(
     ca_key: &[u8],
     user: &str,
 ) -> Result<(String, String), Error> {
-    pki::issue_with(
-        std::str::from_utf8(ca_cert).unwrap_or_default(),
-        std::str::from_utf8(ca_key).unwrap_or_default(),
-        &LeafSpec {
-            cn: user,
-            orgs: &[],
-            dns: &[],
-            ips: &[],
-            server: false,
-            client: true,
-        },
+    x509::issue_with(
+        ca_cert,
+        ca_key,
+        &LeafSpec::client(user, &[]),
         OffsetDateTime::now_utc(),
     )
 }

@@ -13,124 +13,7 @@ use std::collections::BTreeMap;
 use tether_api::tenant_control_plane::Cidr;
 use tether_api::{Driver, TenantControlPlaneSpec};
 
-/// Which upstream program a component runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Program {
-    /// kube-apiserver.
-    KubeApiserver,
-    /// kube-controller-manager.
-    KubeControllerManager,
-    /// kube-scheduler.
-    KubeScheduler,
-    /// konnectivity-server.
-    KonnectivityServer,
-    /// kine (etcd API over PostgreSQL).
-    Kine,
-    /// etcd (standalone mode's own management and datastore members; never rendered for
-    /// tenants).
-    Etcd,
-}
-
-impl Program {
-    /// The component name (also the container name and the process name).
-    pub fn name(self) -> &'static str {
-        match self {
-            Program::KubeApiserver => "kube-apiserver",
-            Program::KubeControllerManager => "kube-controller-manager",
-            Program::KubeScheduler => "kube-scheduler",
-            Program::KonnectivityServer => "konnectivity-server",
-            Program::Kine => "kine",
-            Program::Etcd => "etcd",
-        }
-    }
-
-    /// The binary-cache component.
-    pub fn upstream(self) -> tether_upstream::Component {
-        use tether_upstream::Component as C;
-        match self {
-            Program::KubeApiserver => C::KubeApiserver,
-            Program::KubeControllerManager => C::KubeControllerManager,
-            Program::KubeScheduler => C::KubeScheduler,
-            Program::KonnectivityServer => C::KonnectivityServer,
-            Program::Kine => C::Kine,
-            Program::Etcd => C::Etcd,
-        }
-    }
-
-    /// The default container image on the `kubernetes` runtime.
-    pub fn image(self, kubernetes: &str) -> String {
-        let pins = tether_upstream::Pins::default();
-        match self {
-            Program::KonnectivityServer => format!(
-                "registry.k8s.io/kas-network-proxy/proxy-server:{}",
-                pins.version_for(self.upstream(), kubernetes)
-                    .unwrap_or_else(|_| "v0.36.0".into())
-            ),
-            Program::Kine => format!("rancher/kine:{}", pins.kine),
-            Program::Etcd => format!(
-                "registry.k8s.io/etcd:{}-0",
-                pins.etcd.trim_start_matches('v')
-            ),
-            p => format!("registry.k8s.io/{}:{kubernetes}", p.name()),
-        }
-    }
-}
-
-/// A file a component reads: `path` (relative to its working directory) holds key `key`
-/// of Secret `secret`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FileRef {
-    /// Relative path, e.g. `pki/ca.crt`.
-    pub path: String,
-    /// Secret name.
-    pub secret: String,
-    /// Key in the Secret.
-    pub key: String,
-}
-
-/// An environment variable's value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnvValue {
-    /// A literal.
-    Literal(String),
-    /// A key of a Secret (for values that must not appear in arguments, like a DSN).
-    Secret {
-        /// Secret name.
-        secret: String,
-        /// Key.
-        key: String,
-    },
-}
-
-/// How a runtime checks a component is healthy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Probe {
-    /// `https` or `http`.
-    pub scheme: &'static str,
-    /// Port name (see [`ComponentSpec::ports`]).
-    pub port: &'static str,
-    /// Path, e.g. `/readyz`.
-    pub path: &'static str,
-}
-
-/// One component, ready to be run by any runtime.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ComponentSpec {
-    /// Which program.
-    pub program: Program,
-    /// Kubernetes version of the binary / image.
-    pub version: String,
-    /// Arguments, with relative file paths.
-    pub args: Vec<String>,
-    /// Files to provide.
-    pub files: Vec<FileRef>,
-    /// Environment variables.
-    pub env: BTreeMap<String, EnvValue>,
-    /// Named ports it listens on.
-    pub ports: Vec<(&'static str, u16)>,
-    /// Health probe.
-    pub probe: Probe,
-}
+use super::component::{ApiserverArgs, ComponentSpec, EnvValue, FileRef, Probe, Program};
 
 /// The ports one tenant's components listen on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -278,38 +161,44 @@ fn pki_files(i: &RenderInputs<'_>, names: &[&str]) -> Vec<FileRef> {
 
 fn apiserver(i: &RenderInputs<'_>) -> ComponentSpec {
     let np = &i.spec.network_profile;
-    let mut args = vec![
-        format!("--advertise-address={}", advertise_ip(&i.bind_address)),
-        format!("--bind-address={}", i.bind_address),
-        format!("--secure-port={}", i.ports.api),
-        "--allow-privileged=true".into(),
-        "--authorization-mode=Node,RBAC".into(),
-        "--enable-admission-plugins=NodeRestriction".into(),
-        "--enable-bootstrap-token-auth=true".into(),
-        "--client-ca-file=pki/client-ca.crt".into(),
-        "--tls-cert-file=pki/apiserver.crt".into(),
-        "--tls-private-key-file=pki/apiserver.key".into(),
-        "--kubelet-client-certificate=pki/apiserver-kubelet-client.crt".into(),
-        "--kubelet-client-key=pki/apiserver-kubelet-client.key".into(),
-        "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname".into(),
-        "--proxy-client-cert-file=pki/front-proxy-client.crt".into(),
-        "--proxy-client-key-file=pki/front-proxy-client.key".into(),
-        "--requestheader-client-ca-file=pki/front-proxy-ca.crt".into(),
-        "--requestheader-allowed-names=front-proxy-client".into(),
-        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-        "--requestheader-group-headers=X-Remote-Group".into(),
-        "--requestheader-username-headers=X-Remote-User".into(),
-        format!(
-            "--service-account-issuer=https://kubernetes.default.svc.{}",
-            np.cluster_domain
-        ),
-        "--service-account-key-file=pki/sa.pub".into(),
-        "--service-account-signing-key-file=pki/sa.key".into(),
-        format!("--service-cluster-ip-range={}", np.service_cidr),
-        // The datastore's own compaction runs instead: a tenant's etcd user may only touch
-        // its prefix, and the apiserver's compactor writes a key outside it.
-        "--etcd-compaction-interval=0".into(),
-    ];
+    let etcd_servers = match &i.storage {
+        Storage::Etcd { servers, .. } => servers.join(","),
+        Storage::Kine { .. } => format!("http://127.0.0.1:{}", i.ports.kine),
+    };
+    let mut args = ApiserverArgs {
+        etcd_servers: &etcd_servers,
+        bind_address: &i.bind_address,
+        advertise_address: &advertise_ip(&i.bind_address),
+        secure_port: i.ports.api,
+        pki_dir: "pki",
+        client_ca: "client-ca.crt",
+        service_account_issuer: &format!("https://kubernetes.default.svc.{}", np.cluster_domain),
+        service_cidr: &np.service_cidr,
+        authorization_mode: "Node,RBAC",
+    }
+    .args();
+    args.extend(
+        [
+            // Kubelets join with bootstrap tokens and may only touch their own Node.
+            "--allow-privileged=true",
+            "--enable-admission-plugins=NodeRestriction",
+            "--enable-bootstrap-token-auth=true",
+            "--kubelet-client-certificate=pki/apiserver-kubelet-client.crt",
+            "--kubelet-client-key=pki/apiserver-kubelet-client.key",
+            "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname",
+            "--proxy-client-cert-file=pki/front-proxy-client.crt",
+            "--proxy-client-key-file=pki/front-proxy-client.key",
+            "--requestheader-client-ca-file=pki/front-proxy-ca.crt",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-username-headers=X-Remote-User",
+            // The datastore's own compaction runs instead: a tenant's etcd user may only
+            // touch its prefix, and the apiserver's compactor writes a key outside it.
+            "--etcd-compaction-interval=0",
+        ]
+        .map(String::from),
+    );
     let mut files = pki_files(
         i,
         &[
@@ -325,19 +214,13 @@ fn apiserver(i: &RenderInputs<'_>) -> ComponentSpec {
             "sa.key",
         ],
     );
-    match &i.storage {
-        Storage::Etcd { servers, prefix } => {
-            args.push(format!("--etcd-servers={}", servers.join(",")));
-            args.push(format!("--etcd-prefix={prefix}"));
-            args.push("--etcd-cafile=datastore/ca.crt".into());
-            args.push("--etcd-certfile=datastore/client.crt".into());
-            args.push("--etcd-keyfile=datastore/client.key".into());
-            for k in ["ca.crt", "client.crt", "client.key"] {
-                files.push(f(&format!("datastore/{k}"), &i.secrets.datastore, k));
-            }
-        }
-        Storage::Kine { .. } => {
-            args.push(format!("--etcd-servers=http://127.0.0.1:{}", i.ports.kine));
+    if let Storage::Etcd { prefix, .. } = &i.storage {
+        args.push(format!("--etcd-prefix={prefix}"));
+        args.push("--etcd-cafile=datastore/ca.crt".into());
+        args.push("--etcd-certfile=datastore/client.crt".into());
+        args.push("--etcd-keyfile=datastore/client.key".into());
+        for k in ["ca.crt", "client.crt", "client.key"] {
+            files.push(f(&format!("datastore/{k}"), &i.secrets.datastore, k));
         }
     }
     if i.spec.addons.konnectivity.is_some() {

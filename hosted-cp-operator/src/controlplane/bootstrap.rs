@@ -1,6 +1,6 @@
 //! What a fresh tenant cluster needs before nodes can join — the objects `kubeadm init`
-//! would create — rendered as plain manifests ([`objects`], pure) and server-side applied
-//! into the tenant ([`apply`]).
+//! would create — rendered as plain manifests ([`objects`], pure), applied into the tenant by
+//! the pipeline's bootstrap step.
 //!
 //! - `cluster-info` in `kube-public` (endpoint + CA; the controller-manager's
 //!   bootstrapsigner adds a JWS signature per bootstrap token) readable anonymously;
@@ -14,14 +14,9 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
 use crate::error::Error;
-
-/// The field manager for everything the operator applies.
-pub const MANAGER: &str = "tether-operator";
 
 /// A bootstrap token `id.secret`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,38 +163,6 @@ pub fn objects(
             },
         }),
     ]
-}
-
-/// Server-side applies `objects` through `client` (the tenant's admin).
-pub async fn apply(client: &kube::Client, objects: &[Value]) -> Result<(), Error> {
-    let pp = PatchParams::apply(MANAGER).force();
-    for obj in objects {
-        let (api, name) = dynamic_api(client, obj)?;
-        api.patch(&name, &pp, &Patch::Apply(obj))
-            .await
-            .map_err(Error::kube(format!("apply {} {name}", obj["kind"])))?;
-    }
-    Ok(())
-}
-
-/// An `Api<DynamicObject>` for `obj`'s kind and namespace, and its name.
-pub fn dynamic_api(
-    client: &kube::Client,
-    obj: &Value,
-) -> Result<(Api<DynamicObject>, String), Error> {
-    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
-    let kind = obj["kind"].as_str().unwrap_or_default();
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    let name = obj["metadata"]["name"]
-        .as_str()
-        .ok_or_else(|| Error::Invalid(format!("{kind} without a name")))?
-        .to_string();
-    let api = match obj["metadata"]["namespace"].as_str() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    };
-    Ok((api, name))
 }
 
 #[cfg(test)]

@@ -5,29 +5,20 @@
 //! what is missing, unparseable, near expiry or issued for other names. Reconciling twice
 //! therefore changes nothing, and an operator killed half-way leaves the old, usable Secret.
 //!
-//! Keys are ECDSA P-256 (fast to generate; accepted by every component, service-account
-//! signing included). CAs live ten years, leaves one year and are renewed when less than a
-//! third of their life is left.
+//! Certificates are made and checked by [`crate::x509`] (lifetimes, key type, freshness);
+//! this module decides which ones a tenant has.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
-};
-use sha2::{Digest, Sha256};
-use time::{Duration, OffsetDateTime};
-use x509_parser::extensions::GeneralName;
-use x509_parser::pem::parse_x509_pem;
+use rcgen::KeyPair;
+use time::OffsetDateTime;
 
 use crate::error::Error;
-
-/// Secret data: file name → contents.
-pub type Files = BTreeMap<String, Vec<u8>>;
-
-const CA_LIFETIME: Duration = Duration::days(3650);
-const LEAF_LIFETIME: Duration = Duration::days(365);
+use crate::kube::Files;
+use crate::x509::{
+    LeafSpec, ca_usable, facts, issue, issuer, leaf_usable, new_ca, service_account_key, str_of,
+};
 
 /// What the certificates must say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,10 +197,7 @@ fn ensure_inner(
             let (c, k) = new_ca(&ca_cn(cn, &inputs.tenant, now), now)?;
             (c.into_bytes(), k.into_bytes())
         };
-        let key_pair = KeyPair::from_pem(str_of(&key_pem)?).map_err(Error::pki("load CA key"))?;
-        let issuer = Issuer::from_ca_cert_pem(str_of(&cert_pem)?, key_pair)
-            .map_err(Error::pki("load CA certificate"))?;
-        issuers.insert(*stem, issuer);
+        issuers.insert(*stem, issuer(&cert_pem, &key_pem)?);
         out.insert(crt, cert_pem);
         out.insert(key, key_pem);
     }
@@ -264,239 +252,12 @@ fn ensure_inner(
         }
         _ => {
             changed = true;
-            let key = KeyPair::generate().map_err(Error::pki("generate service-account key"))?;
-            out.insert("sa.key".into(), key.serialize_pem().into_bytes());
-            out.insert("sa.pub".into(), key.public_key_pem().into_bytes());
+            let (key, public) = service_account_key()?;
+            out.insert("sa.key".into(), key.into_bytes());
+            out.insert("sa.pub".into(), public.into_bytes());
         }
     }
     Ok((out, changed))
-}
-
-/// What a client or serving certificate says.
-pub struct LeafSpec<'a> {
-    /// Common name (the user name for clients).
-    pub cn: &'a str,
-    /// Organizations (the groups for clients).
-    pub orgs: &'a [&'a str],
-    /// DNS SANs.
-    pub dns: &'a [String],
-    /// IP SANs.
-    pub ips: &'a [IpAddr],
-    /// serverAuth usage.
-    pub server: bool,
-    /// clientAuth usage.
-    pub client: bool,
-}
-
-/// A fresh self-signed CA: `(cert PEM, key PEM)`.
-pub fn new_ca(cn: &str, now: OffsetDateTime) -> Result<(String, String), Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = dn(cn, &[]);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + CA_LIFETIME;
-    let key = KeyPair::generate().map_err(Error::pki("generate CA key"))?;
-    let cert = params
-        .self_signed(&key)
-        .map_err(Error::pki("self-sign CA"))?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
-/// Issues a leaf signed by the CA in `ca_cert`/`ca_key` (PEM): `(cert PEM, key PEM)`.
-pub fn issue_with(
-    ca_cert: &str,
-    ca_key: &str,
-    spec: &LeafSpec<'_>,
-    now: OffsetDateTime,
-) -> Result<(String, String), Error> {
-    let key = KeyPair::from_pem(ca_key).map_err(Error::pki("load CA key"))?;
-    let issuer =
-        Issuer::from_ca_cert_pem(ca_cert, key).map_err(Error::pki("load CA certificate"))?;
-    issue(&issuer, spec, now)
-}
-
-fn issue(
-    issuer: &Issuer<'_, KeyPair>,
-    spec: &LeafSpec<'_>,
-    now: OffsetDateTime,
-) -> Result<(String, String), Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = dn(spec.cn, spec.orgs);
-    params.subject_alt_names = spec
-        .dns
-        .iter()
-        .map(|d| {
-            d.clone()
-                .try_into()
-                .map(SanType::DnsName)
-                .map_err(Error::pki("DNS name in SAN"))
-        })
-        .chain(spec.ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
-        .collect::<Result<_, Error>>()?;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    if spec.server {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
-    }
-    if spec.client {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ClientAuth);
-    }
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = now + LEAF_LIFETIME;
-    let key = KeyPair::generate().map_err(Error::pki("generate key"))?;
-    let cert = params
-        .signed_by(&key, issuer)
-        .map_err(Error::pki("sign certificate"))?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
-/// `sha256:<hex>` of the certificate's DER SubjectPublicKeyInfo: the pin `kubeadm join
-/// --discovery-token-ca-cert-hash` takes and `kubeadm token create --print-join-command`
-/// prints (kubeadm hashes `x509.Certificate.RawSubjectPublicKeyInfo`).
-pub fn ca_hash(cert_pem: &[u8]) -> Result<String, Error> {
-    let (_, pem) = parse_x509_pem(cert_pem).map_err(|e| Error::Pki {
-        what: "parse CA PEM",
-        detail: e.to_string(),
-    })?;
-    let cert = pem.parse_x509().map_err(|e| Error::Pki {
-        what: "parse CA certificate",
-        detail: e.to_string(),
-    })?;
-    Ok(format!(
-        "sha256:{}",
-        hex::encode(Sha256::digest(cert.tbs_certificate.subject_pki.raw))
-    ))
-}
-
-/// Facts about a certificate the reuse decisions need.
-struct CertFacts {
-    not_before: i64,
-    not_after: i64,
-    issuer: Vec<u8>,
-    subject: Vec<u8>,
-    dns: Vec<String>,
-    ips: Vec<IpAddr>,
-    is_ca: bool,
-}
-
-fn facts(pem_bytes: &[u8]) -> Option<CertFacts> {
-    let (_, pem) = parse_x509_pem(pem_bytes).ok()?;
-    let cert = pem.parse_x509().ok()?;
-    let mut dns = Vec::new();
-    let mut ips = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            match name {
-                GeneralName::DNSName(d) => dns.push(d.to_string()),
-                GeneralName::IPAddress(b) => match b.len() {
-                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).ok()?)),
-                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).ok()?)),
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-    }
-    Some(CertFacts {
-        not_before: cert.validity().not_before.timestamp(),
-        not_after: cert.validity().not_after.timestamp(),
-        issuer: cert.issuer().as_raw().to_vec(),
-        subject: cert.subject().as_raw().to_vec(),
-        dns,
-        ips,
-        is_ca: cert.is_ca(),
-    })
-}
-
-/// Valid for more than a third of its lifetime from `now`.
-fn fresh(f: &CertFacts, now: OffsetDateTime) -> bool {
-    let now = now.unix_timestamp();
-    let life = f.not_after - f.not_before;
-    f.not_before <= now && f.not_after - now > life / 3
-}
-
-fn ca_usable(cert: &[u8], key: &[u8], now: OffsetDateTime) -> bool {
-    let Some(f) = facts(cert) else { return false };
-    f.is_ca && fresh(&f, now) && key_matches(cert, key)
-}
-
-/// Whether the PEM private key `key` belongs to the PEM certificate `cert` (a pair written
-/// as two files may be torn by a crash between the writes).
-pub fn key_matches(cert: &[u8], key: &[u8]) -> bool {
-    let Ok(key) = std::str::from_utf8(key) else {
-        return false;
-    };
-    let Ok(key) = KeyPair::from_pem(key) else {
-        return false;
-    };
-    let Ok((_, pem)) = parse_x509_pem(cert) else {
-        return false;
-    };
-    let Ok(parsed) = pem.parse_x509() else {
-        return false;
-    };
-    parsed.public_key().raw == key.subject_public_key_info().as_slice()
-}
-
-fn leaf_usable(
-    cert: &[u8],
-    ca_cert: &[u8],
-    dns: &[String],
-    ips: &[IpAddr],
-    now: OffsetDateTime,
-) -> bool {
-    let (Some(f), Some(ca)) = (facts(cert), facts(ca_cert)) else {
-        return false;
-    };
-    let mut want_dns: Vec<&String> = dns.iter().collect();
-    let mut have_dns: Vec<&String> = f.dns.iter().collect();
-    want_dns.sort();
-    want_dns.dedup();
-    have_dns.sort();
-    have_dns.dedup();
-    let mut want_ips = ips.to_vec();
-    let mut have_ips = f.ips.clone();
-    want_ips.sort();
-    want_ips.dedup();
-    have_ips.sort();
-    have_ips.dedup();
-    f.issuer == ca.subject && fresh(&f, now) && want_dns == have_dns && want_ips == have_ips
-}
-
-/// Whether the PEM certificate `cert` was issued by the CA in `ca` and is fresh at `now`.
-pub fn cert_fresh_and_issued_by(cert: &[u8], ca: &[u8], now: OffsetDateTime) -> bool {
-    match (facts(cert), facts(ca)) {
-        (Some(f), Some(ca)) => f.issuer == ca.subject && fresh(&f, now),
-        _ => false,
-    }
-}
-
-fn dn(cn: &str, orgs: &[&str]) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    for o in orgs {
-        dn.push(DnType::OrganizationName, *o);
-    }
-    dn.push(DnType::CommonName, cn);
-    dn
-}
-
-fn str_of(b: &[u8]) -> Result<&str, Error> {
-    std::str::from_utf8(b).map_err(|e| Error::Pki {
-        what: "PEM is not UTF-8",
-        detail: e.to_string(),
-    })
 }
 
 /// Seconds until the earliest leaf in `files` passes two thirds of its life, for requeueing
@@ -517,6 +278,8 @@ pub fn renew_in(files: &Files, now: OffsetDateTime) -> Option<std::time::Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::x509::{ca_hash, cert_fresh_and_issued_by};
+    use time::Duration;
 
     fn inputs() -> PkiInputs {
         PkiInputs {
@@ -666,32 +429,6 @@ mod tests {
         assert!((240 * 86400..=244 * 86400).contains(&d), "{d}");
     }
 
-    /// The pin must equal what kubeadm's documentation computes with openssl:
-    /// `openssl x509 -pubkey | openssl pkey -pubin -outform der | sha256sum`.
-    #[test]
-    fn ca_hash_matches_openssl_pipeline() {
-        let (ca, _) = new_ca("pin-test", now()).unwrap();
-        let ours = ca_hash(ca.as_bytes()).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ca.crt");
-        std::fs::write(&path, &ca).unwrap();
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "openssl x509 -pubkey -noout -in {} | openssl pkey -pubin -outform der | sha256sum",
-                path.display()
-            ))
-            .output()
-            .expect("openssl is installed");
-        assert!(out.status.success());
-        let theirs = String::from_utf8(out.stdout).unwrap();
-        assert_eq!(
-            ours,
-            format!("sha256:{}", theirs.split_whitespace().next().unwrap())
-        );
-        assert_eq!(ours.len(), "sha256:".len() + 64);
-    }
-
     #[test]
     fn ca_rotation_trusts_both_then_only_the_new_ca() {
         let t = now();
@@ -741,10 +478,5 @@ mod tests {
         let (same, changed) = ensure_rotating(&inputs(), &done, Rotation::Complete, t).unwrap();
         assert!(!changed);
         assert_eq!(same, done);
-    }
-
-    #[test]
-    fn ca_hash_rejects_garbage() {
-        assert!(ca_hash(b"not a cert").is_err());
     }
 }

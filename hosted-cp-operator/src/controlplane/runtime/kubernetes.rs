@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 
-use crate::render::{ComponentSpec, EnvValue};
+use crate::controlplane::component::{ComponentSpec, EnvValue, Program};
 
 /// Applies and deletes tenants' Deployments and Services in the management cluster.
 #[derive(Clone)]
@@ -53,22 +53,12 @@ impl KubernetesRuntime {
             deployment["metadata"]["ownerReferences"] = json!([o.clone()]);
             service["metadata"]["ownerReferences"] = json!([o]);
         }
-        let pp = kube::api::PatchParams::apply(crate::bootstrap::MANAGER).force();
-        for obj in [&deployment, &service] {
-            let (api, n) = crate::bootstrap::dynamic_api(&self.client, obj)?;
-            api.patch(&n, &pp, &kube::api::Patch::Apply(obj))
-                .await
-                .map_err(crate::error::Error::kube(format!(
-                    "apply {} {n}",
-                    obj["kind"]
-                )))?;
-        }
-        Ok(())
+        crate::kube::apply_objects(&self.client, &[deployment, service]).await
     }
 
     /// `Some("<Kind> ns/name")` when `obj`'s namesake exists and is not owned by `uid`.
     async fn foreign(&self, obj: &Value, uid: &str) -> Result<Option<String>, crate::error::Error> {
-        let (api, n) = crate::bootstrap::dynamic_api(&self.client, obj)?;
+        let (api, n) = crate::kube::dynamic_api(&self.client, obj)?;
         let what = format!(
             "{} {}/{n}",
             obj["kind"].as_str().unwrap_or_default(),
@@ -99,7 +89,7 @@ impl KubernetesRuntime {
                 tracing::warn!("{what} does not belong to the tenant; not deleting it");
                 continue;
             }
-            let (api, n) = crate::bootstrap::dynamic_api(&self.client, &obj)?;
+            let (api, n) = crate::kube::dynamic_api(&self.client, &obj)?;
             match api.delete(&n, &Default::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -165,7 +155,7 @@ pub fn manifests(
                 .collect();
             if matches!(
                 c.program,
-                crate::render::Program::KubeApiserver | crate::render::Program::KonnectivityServer
+                Program::KubeApiserver | Program::KonnectivityServer
             ) {
                 mounts.push(json!({"name": "konnectivity", "mountPath": format!("{WORKDIR}/konnectivity")}));
             }
@@ -258,7 +248,7 @@ pub fn manifests(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::{Ports, RenderInputs, Secrets, Storage, render};
+    use crate::controlplane::render::{Ports, RenderInputs, Secrets, Storage, render};
     use tether_api::tenant_control_plane::KubernetesSpec;
 
     #[test]

@@ -1,0 +1,97 @@
+//! Starts the operator's controllers — today the TenantControlPlane controller — and the
+//! metrics dump, for both `tether-operator run` (a real management cluster) and
+//! `standalone` (one machine). A new controller is started next to the others in [`serve`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::controlplane::controller::{self, Context};
+use crate::controlplane::runtime::Runtime;
+use crate::controlplane::runtime::process::{ProcessRuntime, cache_resolver};
+use crate::error::Error;
+use crate::fs::write_atomic;
+
+/// Which runtime tenants run with. In standalone, `Kubernetes` only renders the Deployments
+/// the production path would create: standalone's management API has no nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RuntimeKind {
+    /// Supervised local processes.
+    #[default]
+    Process,
+    /// Deployments + Services in the management cluster.
+    Kubernetes,
+}
+
+/// Runs every controller with `runtime` until SIGINT/SIGTERM. DataStore credentials are
+/// read from `namespace`; `data_dir` holds etcdctl credentials and `metrics.json`.
+pub async fn serve(client: kube::Client, runtime: Runtime, namespace: &str, data_dir: &Path) {
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "tether-operator".into(),
+            instance: None,
+        },
+    );
+    let ctx = Arc::new(Context {
+        recorder,
+        client,
+        runtime,
+        namespace: namespace.into(),
+        data_dir: data_dir.to_path_buf(),
+        known_versions: crate::binaries::known_versions(),
+        metrics: Mutex::new(Default::default()),
+    });
+    metrics_dump(ctx.clone(), data_dir.join("metrics.json"));
+    controller::run(ctx).await;
+}
+
+/// `tether-operator run`: the operator against the cluster of the ambient kubeconfig (or
+/// in-cluster service account), for a real management cluster.
+pub async fn run(
+    data_dir: &Path,
+    namespace: &str,
+    kind: RuntimeKind,
+    install_crds: bool,
+) -> Result<(), Error> {
+    std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(Error::kube("connect to the cluster"))?;
+    if install_crds {
+        crate::crds::install(&client).await?;
+    }
+    let runtime = match kind {
+        RuntimeKind::Process => {
+            Runtime::Process(Arc::new(ProcessRuntime::new(data_dir, cache_resolver())?))
+        }
+        RuntimeKind::Kubernetes => Runtime::kubernetes(client.clone()),
+    };
+    serve(client, runtime.clone(), namespace, data_dir).await;
+    runtime.shutdown();
+    Ok(())
+}
+
+/// Writes step and reconcile timings every 2 s to `path` (for `cargo xtask bench cp`).
+fn metrics_dump(ctx: Arc<Context>, path: PathBuf) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let json = {
+                let m = ctx.metrics.lock().unwrap_or_else(|e| e.into_inner());
+                let ms = |v: &Vec<Duration>| {
+                    v.iter()
+                        .map(|d| d.as_secs_f64() * 1000.0)
+                        .collect::<Vec<_>>()
+                };
+                json!({
+                    "reconciles_ms": ms(&m.reconciles),
+                    "steps_ms": m.steps.iter().map(|(k, v)| (k.clone(), json!(ms(v)))).collect::<serde_json::Map<_, _>>(),
+                })
+            };
+            let _ = write_atomic(&path, json.to_string().as_bytes());
+        }
+    });
+}
