@@ -14,6 +14,7 @@ pub mod machines;
 pub mod manager;
 pub mod ports;
 pub mod standalone;
+pub mod token;
 pub mod x509;
 
 pub use error::Error;

@@ -1,7 +1,10 @@
 //! `tether-operator` command line.
 
+use std::net::{IpAddr, SocketAddr};
+
+use tether_operator::machine_api::Tuning;
 use tether_operator::manager::{self, RuntimeKind};
-use tether_operator::{crds, error};
+use tether_operator::{crds, error, token};
 
 use clap::{Parser, Subcommand};
 use tether_telemetry::LogArgs;
@@ -34,6 +37,15 @@ enum Command {
         /// Apply the CRDs before starting.
         #[arg(long)]
         install_crds: bool,
+        /// Where the machine API listens.
+        #[arg(long, default_value = "0.0.0.0:9443")]
+        machine_api_listen: SocketAddr,
+        /// The URL machines reach the machine API at (a LoadBalancer or NodePort address
+        /// on the node network, https://…). Without it the machine API is not served.
+        #[arg(long)]
+        machine_api_url: Option<String>,
+        #[command(flatten)]
+        machine_api: Tuning,
     },
     /// Print the CustomResourceDefinitions of the tether.dev API as YAML documents.
     Crds,
@@ -46,6 +58,17 @@ enum Command {
         /// How tenants run (`kubernetes` only renders Deployments here: no nodes).
         #[arg(long, value_enum, default_value_t)]
         runtime: RuntimeKind,
+        /// This machine's address on the node network: the machine API and the tenant
+        /// control planes are published there (loopback serves only this machine).
+        #[arg(long, default_value = "127.0.0.1")]
+        advertise_address: IpAddr,
+        #[command(flatten)]
+        machine_api: Tuning,
+    },
+    /// Enrollment tokens (the management cluster is found as kubectl finds it).
+    Token {
+        #[command(subcommand)]
+        command: token::Command,
     },
 }
 
@@ -59,12 +82,41 @@ fn main() {
             namespace,
             data_dir,
             install_crds,
+            machine_api_listen,
+            machine_api_url,
+            machine_api,
+        } => {
+            let api = machine_api_url.map(|url| machine_api.settings(machine_api_listen, url));
+            tokio::runtime::Runtime::new()
+                .map_err(Error::io("start async runtime", &data_dir))
+                .and_then(|rt| {
+                    rt.block_on(manager::run(
+                        &data_dir,
+                        &namespace,
+                        runtime,
+                        install_crds,
+                        api,
+                    ))
+                })
+        }
+        Command::Standalone {
+            data_dir,
+            runtime,
+            advertise_address,
+            machine_api,
         } => tokio::runtime::Runtime::new()
             .map_err(Error::io("start async runtime", &data_dir))
-            .and_then(|rt| rt.block_on(manager::run(&data_dir, &namespace, runtime, install_crds))),
-        Command::Standalone { data_dir, runtime } => tokio::runtime::Runtime::new()
-            .map_err(Error::io("start async runtime", &data_dir))
-            .and_then(|rt| rt.block_on(tether_operator::standalone::run(&data_dir, runtime))),
+            .and_then(|rt| {
+                rt.block_on(tether_operator::standalone::run(
+                    &data_dir,
+                    runtime,
+                    advertise_address,
+                    &machine_api,
+                ))
+            }),
+        Command::Token { command } => tokio::runtime::Runtime::new()
+            .map_err(Error::io("start async runtime", "."))
+            .and_then(|rt| rt.block_on(token::run(command))),
     };
     if let Err(e) = result {
         tracing::error!("{e}");

@@ -1,6 +1,8 @@
-//! Starts the operator's controllers — today the TenantControlPlane controller — and the
-//! metrics dump, for both `tether-operator run` (a real management cluster) and
-//! `standalone` (one machine). A new controller is started next to the others in [`serve`].
+//! Starts everything the operator runs — the TenantControlPlane controller, the machine API
+//! and the Machine reachability sweep, the metrics dump — for both `tether-operator run` (a
+//! real management cluster) and `standalone` (one machine). A new controller is started
+//! next to the others in [`serve`]. A part that dies takes the process down with its error:
+//! nothing runs half alive.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -25,9 +27,30 @@ pub enum RuntimeKind {
     Kubernetes,
 }
 
-/// Runs every controller with `runtime` until SIGINT/SIGTERM. DataStore credentials are
-/// read from `namespace`; `data_dir` holds etcdctl credentials and `metrics.json`.
-pub async fn serve(client: kube::Client, runtime: Runtime, namespace: &str, data_dir: &Path) {
+/// Runs every controller with `runtime`, and the machine API when `machine_api` is given,
+/// until SIGINT/SIGTERM. DataStore credentials are read from `namespace`; `data_dir` holds
+/// etcdctl credentials and `metrics.json`.
+pub async fn serve(
+    client: kube::Client,
+    runtime: Runtime,
+    namespace: &str,
+    data_dir: &Path,
+    machine_api: Option<crate::machine_api::Settings>,
+) -> Result<(), Error> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let api_task = match machine_api {
+        Some(settings) => {
+            let report = settings.report_seconds;
+            let running =
+                crate::machine_api::start(client.clone(), namespace, settings, stopped).await?;
+            tokio::spawn(crate::machines::reachability::run(client.clone(), report));
+            Some(running.task)
+        }
+        None => {
+            tracing::warn!("no machine API URL given: machines cannot enroll with this operator");
+            None
+        }
+    };
     let recorder = kube::runtime::events::Recorder::new(
         client.clone(),
         kube::runtime::events::Reporter {
@@ -45,7 +68,22 @@ pub async fn serve(client: kube::Client, runtime: Runtime, namespace: &str, data
         metrics: Mutex::new(Default::default()),
     });
     metrics_dump(ctx.clone(), data_dir.join("metrics.json"));
-    controller::run(ctx).await;
+    let Some(mut api_task) = api_task else {
+        controller::run(ctx).await;
+        return Ok(());
+    };
+    tokio::select! {
+        _ = controller::run(ctx) => {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut api_task).await;
+            Ok(())
+        }
+        ended = &mut api_task => match ended {
+            Ok(Ok(())) => Err(Error::Invalid("the machine API stopped".into())),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::Invalid(format!("the machine API task died: {e}"))),
+        },
+    }
 }
 
 /// `tether-operator run`: the operator against the cluster of the ambient kubeconfig (or
@@ -55,6 +93,7 @@ pub async fn run(
     namespace: &str,
     kind: RuntimeKind,
     install_crds: bool,
+    machine_api: Option<crate::machine_api::Settings>,
 ) -> Result<(), Error> {
     std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
     let client = kube::Client::try_default()
@@ -69,9 +108,9 @@ pub async fn run(
         }
         RuntimeKind::Kubernetes => Runtime::kubernetes(client.clone()),
     };
-    serve(client, runtime.clone(), namespace, data_dir).await;
+    let served = serve(client, runtime.clone(), namespace, data_dir, machine_api).await;
     runtime.shutdown();
-    Ok(())
+    served
 }
 
 /// Writes step and reconcile timings every 2 s to `path` (for `cargo xtask bench cp`).

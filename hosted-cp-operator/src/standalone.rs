@@ -6,7 +6,9 @@
 //!   certificate auth and etcd auth enabled, administered as `root` — published as the
 //!   `default` DataStore with its credentials in `tether-system` Secrets;
 //! - `DIR/management.kubeconfig`: an admin kubeconfig for the management API;
-//! - the operator's controllers ([`crate::manager`]) on the process runtime (`DIR/tenants/…`).
+//! - the operator's controllers ([`crate::manager`]) on the process runtime (`DIR/tenants/…`),
+//!   and the machine API on `--advertise-address` (default loopback), the address machines on
+//!   the node network reach, where tenant control planes are published too.
 //!
 //! Certificates and ports are created once and reused, so a restart with the same DIR
 //! serves the same endpoints and keeps all state. SIGINT/SIGTERM stop tenants and the
@@ -49,6 +51,9 @@ struct MgmtPorts {
     api: u16,
     ds: u16,
     ds_peer: u16,
+    /// Added after the first release of this file: older files lack it and get one.
+    #[serde(default)]
+    machine_api: Option<u16>,
 }
 
 /// The running management plane: its supervisors and an admin client.
@@ -56,10 +61,16 @@ struct ManagementPlane {
     management: ProcessRuntime,
     datastore: ProcessRuntime,
     client: kube::Client,
+    machine_api_port: u16,
 }
 
 /// Runs the management plane and the operator until SIGINT/SIGTERM.
-pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
+pub async fn run(
+    data_dir: &Path,
+    kind: RuntimeKind,
+    advertise: IpAddr,
+    machine_api: &crate::machine_api::Tuning,
+) -> Result<(), Error> {
     let started = Instant::now();
     std::fs::create_dir_all(data_dir).map_err(Error::io("create", data_dir))?;
     let data_dir = data_dir
@@ -67,8 +78,12 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
         .map_err(Error::io("resolve", data_dir))?;
     // First: reap whatever a killed predecessor left running for tenants, before anything
     // else binds ports or reports ready.
-    let process_runtime = Arc::new(ProcessRuntime::new(&data_dir, cache_resolver())?);
+    let process_runtime = Arc::new(
+        ProcessRuntime::new(&data_dir, cache_resolver())?
+            .with_advertise_address((!advertise.is_loopback()).then(|| advertise.to_string())),
+    );
     let plane = start(&data_dir, started).await?;
+    let api_port = plane.machine_api_port;
     tracing::info!(
         kubeconfig = %data_dir.join("management.kubeconfig").display(),
         ms = started.elapsed().as_millis() as u64,
@@ -80,7 +95,16 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
         RuntimeKind::Process => Runtime::Process(process_runtime),
         RuntimeKind::Kubernetes => Runtime::kubernetes(plane.client.clone()),
     };
-    manager::serve(plane.client, runtime.clone(), NAMESPACE, &data_dir).await;
+    let url = format!("https://{}", std::net::SocketAddr::new(advertise, api_port));
+    let settings = machine_api.settings(std::net::SocketAddr::new(advertise, api_port), url);
+    let served = manager::serve(
+        plane.client,
+        runtime.clone(),
+        NAMESPACE,
+        &data_dir,
+        Some(settings),
+    )
+    .await;
     tracing::info!("stopping tenants and the management plane");
     let _ = std::fs::remove_file(data_dir.join("ready"));
     runtime.shutdown();
@@ -88,7 +112,7 @@ pub async fn run(data_dir: &Path, kind: RuntimeKind) -> Result<(), Error> {
     plane.management.shutdown();
     // Give supervisors time to escalate and remove pidfiles.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    Ok(())
+    served
 }
 
 /// Starts the management API and the default datastore, and publishes the latter.
@@ -137,26 +161,31 @@ async fn start(data_dir: &Path, started: Instant) -> Result<ManagementPlane, Err
         management,
         datastore,
         client,
+        machine_api_port: ports.machine_api.expect("ports() fills it"),
     })
 }
 
 /// The management plane's ports: the recorded ones, or new free ones recorded now, so a
 /// restart serves the same endpoints.
 fn ports(file: &Path) -> Result<MgmtPorts, Error> {
-    if let Some(p) = std::fs::read(file)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        return Ok(p);
-    }
     let mut t = HashSet::new();
-    let p = MgmtPorts {
-        etcd: free_port(&mut t)?,
-        etcd_peer: free_port(&mut t)?,
-        api: free_port(&mut t)?,
-        ds: free_port(&mut t)?,
-        ds_peer: free_port(&mut t)?,
+    let mut p = match std::fs::read(file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<MgmtPorts>(&b).ok())
+    {
+        Some(p) if p.machine_api.is_some() => return Ok(p),
+        Some(p) => p,
+        None => MgmtPorts {
+            etcd: free_port(&mut t)?,
+            etcd_peer: free_port(&mut t)?,
+            api: free_port(&mut t)?,
+            ds: free_port(&mut t)?,
+            ds_peer: free_port(&mut t)?,
+            machine_api: None,
+        },
     };
+    t.extend([p.etcd, p.etcd_peer, p.api, p.ds, p.ds_peer]);
+    p.machine_api = Some(free_port(&mut t)?);
     write_atomic(file, &serde_json::to_vec(&p).expect("serialise"))?;
     Ok(p)
 }

@@ -104,8 +104,11 @@ pub struct RenderInputs<'a> {
     pub storage: Storage,
     /// Ports.
     pub ports: Ports,
-    /// Address the API server binds to and advertises.
+    /// Address the API server binds to.
     pub bind_address: String,
+    /// The IP the API server advertises (the `kubernetes` Service's endpoint): where nodes
+    /// reach it.
+    pub advertise_address: String,
     /// Secret names.
     pub secrets: Secrets,
     /// Leader election (more than one replica).
@@ -168,7 +171,7 @@ fn apiserver(i: &RenderInputs<'_>) -> ComponentSpec {
     let mut args = ApiserverArgs {
         etcd_servers: &etcd_servers,
         bind_address: &i.bind_address,
-        advertise_address: &advertise_ip(&i.bind_address),
+        advertise_address: &i.advertise_address,
         secure_port: i.ports.api,
         pki_dir: "pki",
         client_ca: "client-ca.crt",
@@ -246,14 +249,6 @@ fn apiserver(i: &RenderInputs<'_>) -> ComponentSpec {
             port: "api",
             path: "/readyz",
         },
-    }
-}
-
-/// `--advertise-address` must be an IP; a DNS endpoint advertises loopback.
-fn advertise_ip(bind: &str) -> String {
-    match bind.parse::<std::net::IpAddr>() {
-        Ok(ip) if !ip.is_unspecified() => ip.to_string(),
-        _ => "127.0.0.1".into(),
     }
 }
 
@@ -428,6 +423,7 @@ mod tests {
             storage,
             ports: Ports::in_pod(spec),
             bind_address: "127.0.0.1".into(),
+            advertise_address: "127.0.0.1".into(),
             secrets: Secrets::for_tenant("t1"),
             leader_elect: false,
         }
@@ -580,13 +576,6 @@ mod tests {
         let api = &comps[0];
         assert_eq!(arg(api, "egress-selector-config-file"), None);
         assert_eq!(api.args.last().unwrap(), "--v=3");
-    }
-
-    #[test]
-    fn advertise_address_is_an_ip() {
-        assert_eq!(advertise_ip("0.0.0.0"), "127.0.0.1");
-        assert_eq!(advertise_ip("192.0.2.4"), "192.0.2.4");
-        assert_eq!(advertise_ip("api.example"), "127.0.0.1");
     }
 
     #[test]

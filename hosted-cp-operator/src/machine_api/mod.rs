@@ -81,6 +81,38 @@ impl Settings {
     }
 }
 
+/// The command-line knobs of the machine API, shared by `run` and `standalone`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Tuning {
+    /// Machine certificate lifetime (agents renew at two thirds of it), e.g. `30d`, `12h`.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub machine_cert_lifetime: Duration,
+    /// Seconds between agent reports; a machine is unreachable after three missed ones.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub report_seconds: u32,
+    /// Enrollments per second the machine API accepts, on average.
+    #[arg(long, default_value_t = 20.0)]
+    pub enroll_rate: f64,
+    /// Enrollments accepted in a burst.
+    #[arg(long, default_value_t = 50)]
+    pub enroll_burst: u32,
+}
+
+impl Tuning {
+    /// The settings for an API listening on `listen` and reached at `url`.
+    pub fn settings(&self, listen: SocketAddr, url: String) -> Settings {
+        Settings {
+            listen,
+            url,
+            cert_lifetime: time::Duration::try_from(self.machine_cert_lifetime)
+                .unwrap_or(time::Duration::days(30)),
+            report_seconds: self.report_seconds,
+            enroll_rate: self.enroll_rate,
+            enroll_burst: self.enroll_burst,
+        }
+    }
+}
+
 /// The running API's shared state.
 pub struct Server {
     client: kube::Client,

@@ -268,6 +268,7 @@ mod tests {
             },
             ports: Ports::in_pod(&spec),
             bind_address: "0.0.0.0".into(),
+            advertise_address: "127.0.0.1".into(),
             secrets: Secrets::for_tenant("t"),
             leader_elect: true,
         });

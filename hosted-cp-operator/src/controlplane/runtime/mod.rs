@@ -36,10 +36,20 @@ pub struct Placement {
     pub endpoint: String,
     /// The host part of the endpoint (for the serving certificate).
     pub host: String,
+    /// The IP the API server advertises (`--advertise-address`).
+    pub advertise_address: String,
     /// Leader election for controller-manager and scheduler (more than one replica).
     pub leader_elect: bool,
     /// How long a reconcile waits for `/readyz` before requeueing.
     pub readyz_wait: Duration,
+}
+
+/// `--advertise-address` must be an IP; a DNS name or a wildcard advertises loopback.
+pub fn advertise_ip(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => ip.to_string(),
+        _ => "127.0.0.1".into(),
+    }
 }
 
 impl Runtime {
@@ -70,17 +80,24 @@ impl Runtime {
         match self {
             Runtime::Process(p) => {
                 let ports = p.ports(&format!("{ns}.{name}"))?;
-                let host = svc.address.clone().unwrap_or_else(|| "127.0.0.1".into());
-                // A DNS name cannot be bound: listen everywhere and let the name resolve.
-                let bind_address = if host.parse::<std::net::IpAddr>().is_ok() {
-                    host.clone()
-                } else {
-                    "0.0.0.0".into()
+                let host = svc
+                    .address
+                    .clone()
+                    .or_else(|| p.advertise_address().map(str::to_string))
+                    .unwrap_or_else(|| "127.0.0.1".into());
+                let ip = host.parse::<std::net::IpAddr>().ok();
+                // Loopback stays loopback; anything else listens everywhere, so the
+                // components' loopback kubeconfigs work as well as the nodes' address
+                // (and a DNS name, which cannot be bound, resolves to whichever).
+                let bind_address = match ip {
+                    Some(ip) if ip.is_loopback() => host.clone(),
+                    _ => "0.0.0.0".into(),
                 };
                 Ok(Placement {
                     endpoint: format!("https://{}:{}", bracket(&host), ports.api),
                     ports,
                     bind_address,
+                    advertise_address: advertise_ip(&host),
                     host,
                     leader_elect: false,
                     readyz_wait: Duration::from_secs(60),
@@ -100,6 +117,7 @@ impl Runtime {
                     endpoint: format!("https://{}:{port}", bracket(&host)),
                     ports,
                     bind_address: "0.0.0.0".into(),
+                    advertise_address: advertise_ip("0.0.0.0"),
                     host,
                     leader_elect: spec.control_plane.replicas > 1,
                     // Pods take their time; check briefly and requeue instead of blocking.
@@ -145,3 +163,13 @@ impl Runtime {
 
 /// Image overrides by component name, for the kubernetes runtime.
 pub type Images = BTreeMap<String, String>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn advertise_address_is_an_ip() {
+        assert_eq!(super::advertise_ip("0.0.0.0"), "127.0.0.1");
+        assert_eq!(super::advertise_ip("192.0.2.4"), "192.0.2.4");
+        assert_eq!(super::advertise_ip("api.example"), "127.0.0.1");
+    }
+}

@@ -43,6 +43,7 @@ pub fn cache_resolver() -> BinaryResolver {
 /// Runs tenants' components as local processes.
 pub struct ProcessRuntime {
     root: PathBuf,
+    advertise: Option<String>,
     resolve: BinaryResolver,
     tenants: Mutex<HashMap<String, Running>>,
     port_lock: Mutex<()>,
@@ -66,10 +67,23 @@ impl ProcessRuntime {
         }
         Ok(ProcessRuntime {
             root: root.to_path_buf(),
+            advertise: None,
             resolve,
             tenants: Mutex::new(HashMap::new()),
             port_lock: Mutex::new(()),
         })
+    }
+
+    /// Tenants without `spec.controlPlane.service.address` are published on `address` (the
+    /// management plane's address on the node network) instead of loopback.
+    pub fn with_advertise_address(mut self, address: Option<String>) -> ProcessRuntime {
+        self.advertise = address;
+        self
+    }
+
+    /// The address tenants are published on by default, if one was set.
+    pub fn advertise_address(&self) -> Option<&str> {
+        self.advertise.as_deref()
     }
 
     /// The directory of tenant `key` (`<ns>.<name>`).
