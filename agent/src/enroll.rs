@@ -93,15 +93,15 @@ pub async fn enroll(root: &Path, state: &StateDir, seed: Option<Seed>) -> Result
 
     enter(Phase::Request).await;
     let live = root == Path::new("/");
-    let addresses = if live {
-        facts::live_addresses()
+    let links = if live {
+        facts::live_links()
     } else {
         Vec::new()
     };
     let req = EnrollRequest {
         token: inputs.seed.token.to_string(),
         csr,
-        facts: facts::gather(root, &inputs.boot, &addresses),
+        facts: facts::gather(root, &inputs.boot, &links),
     };
     let api = MachineApi::pinned(&inputs.seed.api, inputs.seed.ca_pin)?;
     let resp = api.enroll(&req).await?;

@@ -37,10 +37,21 @@ pub fn in_container(root: &Path) -> bool {
     under(root, "/run/systemd/container").exists()
 }
 
-/// Gathers the facts below `root`; `addresses` adds each NIC's addresses (live systems).
-pub fn gather(root: &Path, boot: &BootParams, addresses: &[(String, String)]) -> Facts {
+/// One network link as the kernel reports it in this network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface name.
+    pub name: String,
+    /// Its MAC, if it has one.
+    pub mac: Option<Mac>,
+    /// Its addresses with prefix length.
+    pub addresses: Vec<String>,
+}
+
+/// Gathers the facts below `root`, with `links` from [`live_links`] (or a test's list).
+pub fn gather(root: &Path, boot: &BootParams, links: &[Link]) -> Facts {
     let container = in_container(root);
-    let nics = nics(root, container, addresses);
+    let nics = nics(root, container, links);
     let boot_mac = boot
         .mac
         .map(|m| m.to_string())
@@ -85,29 +96,26 @@ pub fn mem_total(meminfo: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Ethernet NICs: on a machine, those backed by a device; in a container, every one but
-/// loopback (a container's NICs are virtual by nature).
-fn nics(root: &Path, container: bool, addresses: &[(String, String)]) -> Vec<Nic> {
-    entries(root, "/sys/class/net")
-        .into_iter()
-        .filter(|name| name != "lo")
-        .filter(|name| read(root, &format!("/sys/class/net/{name}/type")).as_deref() == Some("1"))
-        .filter(|name| container || under(root, &format!("/sys/class/net/{name}/device")).exists())
-        .filter_map(|name| {
-            let mac: Mac = read(root, &format!("/sys/class/net/{name}/address"))?
-                .parse()
-                .ok()?;
+/// Ethernet NICs: every link with a MAC but loopback — on a machine only those backed by a
+/// device (`/sys/class/net/<name>/device`), in a container all of them (its NICs are virtual
+/// by nature, and its `/sys` may even show the host's network). MACs and addresses come from
+/// the kernel's own answer in this network namespace, never from `/sys`.
+fn nics(root: &Path, container: bool, links: &[Link]) -> Vec<Nic> {
+    let mut nics: Vec<Nic> = links
+        .iter()
+        .filter(|l| l.name != "lo")
+        .filter(|l| container || under(root, &format!("/sys/class/net/{}/device", l.name)).exists())
+        .filter_map(|l| {
+            let mac = l.mac.filter(|m| m.0 != [0; 6])?;
             Some(Nic {
-                addresses: addresses
-                    .iter()
-                    .filter(|(n, _)| *n == name)
-                    .map(|(_, a)| a.clone())
-                    .collect(),
-                name,
+                name: l.name.clone(),
                 mac: mac.to_string(),
+                addresses: l.addresses.clone(),
             })
         })
-        .collect()
+        .collect();
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    nics
 }
 
 /// The interface of the IPv4 default route in `/proc/net/route`.
@@ -144,34 +152,44 @@ fn disks(root: &Path) -> Vec<Disk> {
         .collect()
 }
 
-/// Addresses of every interface (`name`, `addr/prefix`), from the live system.
-pub fn live_addresses() -> Vec<(String, String)> {
+/// Every link of this network namespace with its MAC and addresses (`getifaddrs`).
+pub fn live_links() -> Vec<Link> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
-    addrs
-        .filter_map(|a| {
-            let addr = a.address?;
-            let prefix = |m: Option<nix::sys::socket::SockaddrStorage>, v4: bool| -> u32 {
-                m.and_then(|m| {
-                    if v4 {
-                        m.as_sockaddr_in().map(|s| u32::from(s.ip()).count_ones())
-                    } else {
-                        m.as_sockaddr_in6().map(|s| u128::from(s.ip()).count_ones())
-                    }
-                })
-                .unwrap_or(0)
-            };
-            let text = if let Some(v4) = addr.as_sockaddr_in() {
-                format!("{}/{}", v4.ip(), prefix(a.netmask, true))
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                format!("{}/{}", v6.ip(), prefix(a.netmask, false))
-            } else {
-                return None;
-            };
-            Some((a.interface_name, text))
-        })
-        .collect()
+    let mut links: Vec<Link> = Vec::new();
+    for a in addrs {
+        let idx = match links.iter().position(|l| l.name == a.interface_name) {
+            Some(i) => i,
+            None => {
+                links.push(Link {
+                    name: a.interface_name.clone(),
+                    mac: None,
+                    addresses: Vec::new(),
+                });
+                links.len() - 1
+            }
+        };
+        let Some(addr) = a.address else { continue };
+        if let Some(ll) = addr.as_link_addr() {
+            if let Some(m) = ll.addr() {
+                links[idx].mac = Some(Mac(m));
+            }
+        } else if let Some(v4) = addr.as_sockaddr_in() {
+            let bits = a
+                .netmask
+                .and_then(|m| m.as_sockaddr_in().map(|s| u32::from(s.ip()).count_ones()))
+                .unwrap_or(32);
+            links[idx].addresses.push(format!("{}/{bits}", v4.ip()));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            let bits = a
+                .netmask
+                .and_then(|m| m.as_sockaddr_in6().map(|s| u128::from(s.ip()).count_ones()))
+                .unwrap_or(128);
+            links[idx].addresses.push(format!("{}/{bits}", v6.ip()));
+        }
+    }
+    links
 }
 
 #[cfg(test)]
@@ -182,6 +200,27 @@ mod tests {
         let p = under(root, path);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, text).unwrap();
+    }
+
+    fn link(name: &str, mac: &str, addrs: &[&str]) -> Link {
+        Link {
+            name: name.into(),
+            mac: Some(mac.parse().unwrap()),
+            addresses: addrs.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    fn links() -> Vec<Link> {
+        vec![
+            Link {
+                name: "lo".into(),
+                mac: Some(Mac([0; 6])),
+                addresses: vec!["127.0.0.1/8".into()],
+            },
+            link("enp2s0", "52:54:00:00:00:02", &[]),
+            link("enp1s0", "52:54:00:00:00:01", &["10.0.0.5/24"]),
+            link("br0", "52:54:00:00:00:03", &[]),
+        ]
     }
 
     fn machine() -> tempfile::TempDir {
@@ -198,22 +237,9 @@ mod tests {
             "/sys/class/dmi/id/product_name",
             "Standard PC (i440FX + PIIX, 1996)\n",
         );
-        for (nic, mac, device) in [
-            ("enp1s0", "52:54:00:00:00:01", true),
-            ("enp2s0", "52:54:00:00:00:02", true),
-            ("br0", "52:54:00:00:00:03", false),
-        ] {
-            put(r, &format!("/sys/class/net/{nic}/type"), "1\n");
-            put(
-                r,
-                &format!("/sys/class/net/{nic}/address"),
-                &format!("{mac}\n"),
-            );
-            if device {
-                std::fs::create_dir_all(under(r, &format!("/sys/class/net/{nic}/device"))).unwrap();
-            }
+        for nic in ["enp1s0", "enp2s0"] {
+            std::fs::create_dir_all(under(r, &format!("/sys/class/net/{nic}/device"))).unwrap();
         }
-        put(r, "/sys/class/net/lo/type", "772\n");
         put(
             r,
             "/proc/cpuinfo",
@@ -240,18 +266,15 @@ mod tests {
     #[test]
     fn gathers_a_machine() {
         let t = machine();
-        let f = gather(
-            t.path(),
-            &BootParams::default(),
-            &[("enp1s0".into(), "10.0.0.5/24".into())],
-        );
+        let f = gather(t.path(), &BootParams::default(), &links());
         assert_eq!(
             f.uuid.as_deref(),
             Some("4c4c4544-0000-1000-8000-000000000001")
         );
         assert_eq!(
             f.nics.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
-            ["enp1s0", "enp2s0"]
+            ["enp1s0", "enp2s0"],
+            "device-backed NICs only, sorted"
         );
         assert_eq!(f.nics[0].addresses, ["10.0.0.5/24"]);
         assert_eq!(
@@ -276,7 +299,7 @@ mod tests {
         let t = machine();
         std::fs::create_dir_all(t.path().join("sys/firmware/efi")).unwrap();
         let boot = BootParams::parse("tether.mac=52:54:00:00:00:01 tether.slot=b").unwrap();
-        let f = gather(t.path(), &boot, &[]);
+        let f = gather(t.path(), &boot, &links());
         assert_eq!(f.boot_mac.as_deref(), Some("52:54:00:00:00:01"));
         assert_eq!(f.boot_slot.as_deref(), Some("b"));
         assert_eq!(f.boot_mode, "uefi");
@@ -286,15 +309,30 @@ mod tests {
     fn containers_report_no_uuid_and_their_virtual_nics() {
         let t = machine();
         put(t.path(), "/run/systemd/container", "systemd-nspawn\n");
-        put(t.path(), "/sys/class/net/host0/type", "1\n");
         put(
             t.path(),
-            "/sys/class/net/host0/address",
-            "aa:bb:cc:dd:ee:ff\n",
+            "/proc/net/route",
+            "Iface\tDestination\nhost0\t00000000\n",
         );
-        let f = gather(t.path(), &BootParams::default(), &[]);
+        let mut l = links();
+        l.push(link("host0", "aa:bb:cc:dd:ee:ff", &["10.9.0.100/24"]));
+        let f = gather(t.path(), &BootParams::default(), &l);
         assert_eq!(f.uuid, None);
-        assert!(f.nics.iter().any(|n| n.name == "host0"));
+        assert!(
+            f.nics.iter().any(|n| n.name == "host0"),
+            "virtual NICs count in a container"
+        );
+        assert_eq!(f.boot_mac.as_deref(), Some("aa:bb:cc:dd:ee:ff"));
+    }
+
+    #[test]
+    fn live_links_include_loopback() {
+        let l = live_links();
+        assert!(
+            l.iter()
+                .any(|x| x.name == "lo" && x.addresses.iter().any(|a| a == "127.0.0.1/8")),
+            "{l:?}"
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ async fn main() -> ExitCode {
         }
         Command::Facts => {
             let boot = inputs::boot_params(&root).unwrap_or_default();
-            let f = facts::gather(&root, &boot, &facts::live_addresses());
+            let f = facts::gather(&root, &boot, &facts::live_links());
             println!(
                 "{}",
                 serde_json::to_string_pretty(&f).expect("facts serialize")

@@ -96,8 +96,10 @@ impl Service {
             match enroll::enroll(&self.root, &self.state, None).await {
                 Ok(id) => return id,
                 Err(e) => {
+                    // Network trouble at boot clears in seconds: retry soon. A refusal needs a
+                    // person (a new token, a fixed seed): retry rarely.
                     let cap = if e.retriable() {
-                        Duration::from_secs(60)
+                        Duration::from_secs(15)
                     } else {
                         Duration::from_secs(300)
                     };

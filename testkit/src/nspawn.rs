@@ -76,7 +76,10 @@ impl Container {
             .arg("--console=pipe")
             .arg(format!("--machine={name}"));
         if let Some(ns) = options.netns {
-            cmd.arg(format!("--network-namespace-path={}", ns.path().display()));
+            // The namespace is the container's own: let its systemd-networkd configure it
+            // (nspawn grants CAP_NET_ADMIN with --private-network, not with a given path).
+            cmd.arg(format!("--network-namespace-path={}", ns.path().display()))
+                .arg("--capability=CAP_NET_ADMIN");
         }
         for b in &options.binds {
             let flag = if b.read_only { "--bind-ro" } else { "--bind" };
@@ -152,9 +155,34 @@ impl Container {
         fs::write(&path, contents).map_err(Error::io("write", &path))
     }
 
-    /// The console output so far.
+    /// The console output so far (what nspawn's pipe carried: systemd's own lines; units
+    /// writing to `/dev/console` do not reach it — see [`Container::journal`]).
     pub fn console_tail(&self, lines: usize) -> String {
         self.process.log_tail(lines)
+    }
+
+    /// The last `lines` journal lines of `unit` inside the container (`journalctl` run in
+    /// the container's namespaces), or what went wrong reading them.
+    pub fn journal(&self, unit: &str, lines: usize) -> String {
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &self.leader.to_string(),
+                "-a",
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "cat",
+            ])
+            .args(["-u", unit, "-n", &lines.to_string()])
+            .output();
+        match out {
+            Ok(o) => {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            }
+            Err(e) => format!("(journalctl in the container: {e})"),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 pub mod image;
+pub mod site;
 
 /// How long a unit started in a test container may take.
 pub const UNIT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,369 @@
+//! The booted site every later node test reuses: one [`Segment`] (bridge namespace, the
+//! site's own DHCP server, an uplink to the host), a `tether-operator standalone` whose
+//! machine API and tenants are published on the uplink's address, the example image as a
+//! `BootImage`, and `tether-pxe` on the uplink in its default proxyDHCP mode with the cluster
+//! source. Started once per test binary ([`site`]), stopped when the binary exits (the
+//! management plane's children included), and reaped by the next run if it was killed.
+//!
+//! Helpers attach machines: [`Site::pxe_vm`] (a qemu VM, TCG, that network-boots on the
+//! segment) and [`Site::nspawn_node`] (the image's rootfs under systemd-nspawn in its own
+//! namespace wired to the bridge, with an optional NoCloud seed directory).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tether_boot::CaPin;
+use tether_testkit::NetNs;
+use tether_testkit::nspawn::{Bind, Container, ContainerOptions};
+use tether_testkit::process::Process;
+use tether_testkit::qemu::{Qemu, Vm};
+use tether_testkit::segment::Segment;
+
+use crate::image::{self, Built};
+
+/// The site.
+pub struct Site {
+    /// Where logs and state live (kept with `TETHER_KEEP_TEST_DIRS`).
+    pub dir: PathBuf,
+    /// The management kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The machine API as published (`url`, pin).
+    pub api_url: String,
+    /// The machine API CA's pin.
+    pub pin: CaPin,
+    /// The image machines boot, and its BootImage name.
+    pub image: &'static Built,
+    /// The BootImage name.
+    pub boot_image: String,
+    /// The host's address on the segment.
+    pub host_ip: Ipv4Addr,
+    /// tether-pxe's HTTP base URL.
+    pub pxe_url: String,
+    parts: Mutex<Parts>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+struct Parts {
+    pxe: Option<Process>,
+    operator: Option<Process>,
+    segment: Option<Segment>,
+    next_mac: u8,
+}
+
+/// The site of this test binary, started on first use.
+pub fn site() -> &'static Site {
+    static SITE: OnceLock<Site> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    SITE.get_or_init(|| {
+        let site = Site::start().unwrap_or_else(|e| panic!("start the site: {e}"));
+        // Statics are never dropped: stop the site when the test binary exits.
+        extern "C" fn stop() {
+            if let Some(s) = SITE.get() {
+                s.stop();
+            }
+        }
+        // SAFETY: registering a plain `extern "C"` function with the C runtime.
+        unsafe { libc::atexit(stop) };
+        site
+    })
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_file(path: &Path, what: &str, proc: &mut Process, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        proc.check_running().map_err(|e| e.to_string())?;
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what} not ready after {timeout:?}:\n{}",
+                proc.log_tail(30)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+impl Site {
+    fn start() -> Result<Site, String> {
+        let started = Instant::now();
+        let tmp = tether_testkit::test_dir("tether-site-").map_err(|e| e.to_string())?;
+        let dir = tmp.path().to_path_buf();
+        let image = image::image();
+        eprintln!("site: image ready after {:?}", started.elapsed());
+        let operator_bin = image::workspace_binary("tether-operator", "tether-operator");
+        let pxe_bin = image::workspace_binary("tether-pxe", "tether-pxe");
+        let segment = Segment::create(&dir).map_err(|e| e.to_string())?;
+        let host_ip = segment.host_ip();
+
+        // The management plane, published on the segment.
+        let data = dir.join("standalone");
+        let mut cmd = Command::new(&operator_bin);
+        cmd.args(["standalone", "--data-dir"])
+            .arg(&data)
+            .args(["--advertise-address", &host_ip.to_string()])
+            .env("RUST_LOG", "info,kube_client=warn,kube_runtime=warn");
+        let mut operator = Process::spawn("tether-operator", cmd, &dir.join("operator.log"))
+            .map_err(|e| e.to_string())?;
+        wait_file(
+            &data.join("ready"),
+            "standalone",
+            &mut operator,
+            Duration::from_secs(120),
+        )?;
+        let kubeconfig = data.join("management.kubeconfig");
+        let kubectl = |args: &[&str]| {
+            let mut c = Command::new(
+                tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
+                    .expect("kubectl in the cache"),
+            );
+            c.arg("--kubeconfig").arg(&kubeconfig).args(args);
+            c
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (api_url, pin) = loop {
+            let out = kubectl(&[
+                "-n",
+                "tether-system",
+                "get",
+                "configmap",
+                "tether-machine-api",
+                "-o",
+                "jsonpath={.data.url} {.data.caPin}",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some((u, p)) = text.split_once(' ')
+                && !u.is_empty()
+            {
+                break (
+                    u.to_string(),
+                    p.parse::<CaPin>().map_err(|e| e.to_string())?,
+                );
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "machine API not published:\n{}",
+                    operator.log_tail(30)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+
+        // The image as a BootImage.
+        run(kubectl(&["apply", "-f"]).arg(image.dir.join("bootimage.yaml")));
+        let boot_image = tether_image::boot::object_name(&image.manifest.version);
+
+        // tether-pxe on the uplink: proxyDHCP next to the site's dnsmasq, cluster source.
+        let http_port = tether_testkit::ports::free_port();
+        let pxe_url = format!("http://{host_ip}:{http_port}");
+        let mut cmd = Command::new(&pxe_bin);
+        cmd.args(["serve", "--interface", segment.uplink()])
+            .args([
+                "--namespace",
+                "tether-system",
+                "--default-image",
+                &boot_image,
+            ])
+            .arg("--artifacts-dir")
+            .arg(&image.dir)
+            .args(["--http-port", &http_port.to_string()])
+            .args([
+                "--tftp-port",
+                &tether_testkit::ports::free_port().to_string(),
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info,tether_pxe=debug,kube_client=warn");
+        let mut pxe =
+            Process::spawn("tether-pxe", cmd, &dir.join("pxe.log")).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pxe.log_tail(200).contains("tether-pxe serving") {
+            pxe.check_running().map_err(|e| e.to_string())?;
+            if Instant::now() > deadline {
+                return Err(format!("tether-pxe not serving:\n{}", pxe.log_tail(30)));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "site: segment {host_ip}/24, machine API {api_url}, tether-pxe {pxe_url}, up after {:?}",
+            started.elapsed()
+        );
+        Ok(Site {
+            dir,
+            kubeconfig,
+            api_url,
+            pin,
+            image,
+            boot_image,
+            host_ip,
+            pxe_url,
+            parts: Mutex::new(Parts {
+                pxe: Some(pxe),
+                operator: Some(operator),
+                segment: Some(segment),
+                next_mac: 0x10,
+            }),
+            _tmp: Some(tmp),
+        })
+    }
+
+    fn stop(&self) {
+        let mut p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut pxe) = p.pxe.take() {
+            pxe.stop(Duration::from_secs(5));
+        }
+        // SIGTERM lets standalone stop its tenants and its management plane.
+        if let Some(mut op) = p.operator.take() {
+            op.stop(Duration::from_secs(30));
+        }
+        drop(p.segment.take());
+    }
+
+    /// kubectl against the management cluster; stdout, or the error with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(
+            tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
+                .map_err(|e| e.to_string())?,
+        )
+        .arg("--kubeconfig")
+        .arg(&self.kubeconfig)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// A client for the management cluster (made on the caller's runtime).
+    pub async fn client(&self) -> kube::Client {
+        let kc = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        tether_operator::kube::client_from_kubeconfig(&kc)
+            .await
+            .unwrap()
+    }
+
+    /// `tether-operator token …` with the site's kubeconfig; stdout.
+    pub fn token(&self, args: &[&str]) -> String {
+        let bin = image::workspace_binary("tether-operator", "tether-operator");
+        run(Command::new(bin)
+            .arg("token")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig))
+    }
+
+    /// A MAC no other machine of this site has (`52:54:00:5e:<pid byte>:<n>`).
+    pub fn next_mac(&self) -> String {
+        let mut p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        p.next_mac = p.next_mac.wrapping_add(1);
+        format!(
+            "52:54:00:5e:{:02x}:{:02x}",
+            std::process::id() % 256,
+            p.next_mac
+        )
+    }
+
+    /// tether-pxe's log tail.
+    pub fn pxe_log(&self) -> String {
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        p.pxe.as_ref().map(|x| x.log_tail(80)).unwrap_or_default()
+    }
+
+    /// The operator's log tail.
+    pub fn operator_log(&self) -> String {
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        p.operator
+            .as_ref()
+            .map(|x| x.log_tail(80))
+            .unwrap_or_default()
+    }
+
+    /// The site DHCP server's log tail.
+    pub fn dhcp_log(&self) -> String {
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        p.segment.as_ref().map(|s| s.dhcp_log()).unwrap_or_default()
+    }
+
+    /// A qemu VM (SeaBIOS, qemu's iPXE ROM, TCG) with one NIC on the segment that boots
+    /// from the network. Its serial console goes to `<dir>/<name>.serial`.
+    pub fn pxe_vm(&self, name: &str, mac: &str) -> Vm {
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let segment = p.segment.as_ref().expect("site is up");
+        let tap = segment.add_tap().expect("tap on the segment");
+        Qemu::new_in(
+            segment.netns(),
+            &self.dir.join(format!("{name}.serial")),
+            1536,
+        )
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+        .args(["-boot", "n"])
+        .spawn()
+        .expect("start qemu")
+    }
+
+    /// The image's rootfs, unpacked once (nspawn boots it with a volatile overlay).
+    pub fn rootfs(&self) -> PathBuf {
+        static ROOT: OnceLock<PathBuf> = OnceLock::new();
+        ROOT.get_or_init(|| {
+            let root = self.dir.join("rootfs");
+            run(Command::new("unsquashfs")
+                .args(["-q", "-n", "-d"])
+                .arg(&root)
+                .arg(self.image.dir.join("rootfs.squashfs")));
+            root
+        })
+        .clone()
+    }
+
+    /// A node network namespace on the segment (`eth0` with `mac`).
+    pub fn node_netns(&self, mac: &str) -> NetNs {
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        p.segment
+            .as_ref()
+            .expect("site is up")
+            .add_node_netns(mac)
+            .expect("node netns")
+    }
+
+    /// The image's rootfs booted under systemd-nspawn in `netns`, with `seed` (a directory
+    /// holding `user-data` and `meta-data`) as its NoCloud seed directory.
+    pub async fn nspawn_node(&self, netns: &NetNs, seed: Option<&Path>) -> Container {
+        let mut binds = Vec::new();
+        if let Some(s) = seed {
+            binds.push(Bind {
+                host: s.to_path_buf(),
+                container: PathBuf::from("/var/lib/cloud/seed/nocloud"),
+                read_only: true,
+            });
+        }
+        Container::boot(
+            &self.rootfs(),
+            ContainerOptions {
+                netns: Some(netns),
+                binds,
+            },
+        )
+        .await
+        .expect("boot the image under systemd-nspawn")
+    }
+}
