@@ -80,9 +80,9 @@ async fn pxe_booted_vm_enrolls_through_proxy_dhcp() {
     assert_eq!(facts.boot_mode, "bios");
     assert!(facts.uuid.is_some(), "a VM has a DMI UUID");
     assert!(facts.disks.is_empty(), "diskless");
-    assert_eq!(
-        st.current_image.is_some() || st.agent_version.is_some() || st.last_seen.is_some(),
-        true
+    assert!(
+        st.last_seen.is_some(),
+        "the enrollment is recorded as a sighting"
     );
     // The boot token was minted for this MAC, single use, and is spent now.
     let m: Mac = mac.parse().unwrap();
@@ -212,20 +212,15 @@ async fn enrollment_survives_sigkill_in_every_phase() {
         let mut last = None;
         let mut lines = stderr.lines();
         // Read until the target phase is announced (or the agent finished first).
-        loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(p) = PHASES
-                        .iter()
-                        .find(|p| l.contains(&format!("enroll phase={p}")))
-                    {
-                        last = Some(*p);
-                        if *p == target {
-                            break;
-                        }
-                    }
+        while let Some(Ok(l)) = lines.next() {
+            if let Some(p) = PHASES
+                .iter()
+                .find(|p| l.contains(&format!("enroll phase={p}")))
+            {
+                last = Some(*p);
+                if *p == target {
+                    break;
                 }
-                _ => break,
             }
         }
         // Kill somewhere inside the phase: in its pause, or (for the request) past it,
