@@ -47,7 +47,7 @@ enum Command {
     },
     /// Run a benchmark area and print its figures.
     Bench {
-        /// The area: `deps`.
+        /// The area: cp, deps, enroll, image or pxe.
         area: String,
         /// For `deps`: also measure a cold build (fresh Go build cache and binary cache).
         #[arg(long)]

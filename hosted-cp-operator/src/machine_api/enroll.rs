@@ -32,8 +32,9 @@ use super::http::{Failure, read_json};
 use super::inventory::{Inventory, rfc3339};
 use crate::x509::Csr;
 
-/// Compare-and-swap attempts on a token record before giving up.
-const CAS_ATTEMPTS: usize = 8;
+/// How long enrollments may keep retrying a compare-and-swap on one token's record (a pool
+/// token that many machines spend at once); after each conflict, a jittered pause.
+const CAS_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The handler.
 pub async fn handle(
@@ -75,7 +76,9 @@ pub async fn handle(
         ));
     }
     let inventory = Inventory::new(server.client.clone());
-    for _ in 0..CAS_ATTEMPTS {
+    let deadline = std::time::Instant::now() + CAS_BUDGET;
+    let mut conflicts = 0u32;
+    while std::time::Instant::now() < deadline {
         let now = OffsetDateTime::now_utc();
         let loaded = match server.tokens.get(token.id()).await {
             Ok(Some(l)) => l,
@@ -125,7 +128,11 @@ pub async fn handle(
                     .await
                     .map_err(Failure::internal)?
                 {
-                    continue; // someone spent or changed it meanwhile: decide again
+                    // Someone spent or changed it meanwhile: decide again, after a pause
+                    // that spreads the contenders out.
+                    conflicts += 1;
+                    tokio::time::sleep(cas_pause(conflicts)).await;
+                    continue;
                 }
                 tracing::info!(token = token.id(), machine = %name, %mac, "token spent");
                 name
@@ -210,6 +217,16 @@ impl Server {
         }
         Failure::new(reason, message)
     }
+}
+
+/// 5–50 ms, more for repeated conflicts, jittered so contenders do not retry in step.
+fn cas_pause(conflicts: u32) -> std::time::Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let ceiling = 5 + 5 * u64::from(conflicts.min(9));
+    std::time::Duration::from_millis(5 + u64::from(nanos) % ceiling)
 }
 
 /// The reason and message of a token refusal.

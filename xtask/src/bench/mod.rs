@@ -4,19 +4,21 @@
 
 mod cp;
 mod deps;
+mod enroll;
 mod image;
 mod pxe;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["cp", "deps", "image", "pxe"];
+pub const AREAS: &[&str] = &["cp", "deps", "enroll", "image", "pxe"];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
     match area {
         "cp" => cp::run(),
         "deps" => deps::run(cold),
+        "enroll" => enroll::run(),
         "image" => image::run(cold),
         "pxe" => pxe::run(),
         other => Err(Error::Usage(format!(
