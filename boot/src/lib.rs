@@ -4,6 +4,7 @@
 //! | type | written by | read by |
 //! |---|---|---|
 //! | [`cmdline::BootParams`] (`tether.*` kernel command line) | tether-image, tether-pxe | initramfs, tether-agent |
+//! | [`initrd`] (the rootfs as one cpio entry) | tether-pxe, tether-image (qemu tests) | kernel → initramfs |
 //! | [`mac::Mac`] | tether-pxe (DHCP), tether-agent (facts) | operator (Machine names, labels) |
 //! | [`token::Token`] | operator, tether-pxe (boot tokens) | tether-agent → machine API |
 //! | [`pin::CaPin`] | operator (machine API CA) | tether-pxe, tether-agent (first contact) |
@@ -17,6 +18,7 @@
 
 pub mod cmdline;
 pub mod error;
+pub mod initrd;
 pub mod mac;
 pub mod manifest;
 pub mod pin;

@@ -1268,11 +1268,16 @@ pub fn write_combined_initrd(image_dir: &Path, rootfs_file: &str, out: &Path) ->
     let size = fs::metadata(&rootfs)
         .map_err(Error::io("stat", &rootfs))?
         .len();
-    f.write_all(&crate::cpio::single_file_header(PXE_ROOTFS_PATH, size, 0))
-        .map_err(Error::io("write", out))?;
+    let header = tether_boot::initrd::entry_header(PXE_ROOTFS_PATH, size).map_err(|e| {
+        Error::SpecInvalid {
+            field: "rootfs".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    f.write_all(&header).map_err(Error::io("write", out))?;
     let mut src = fs::File::open(&rootfs).map_err(Error::io("open", &rootfs))?;
     std::io::copy(&mut src, &mut f).map_err(Error::io("copy", &rootfs))?;
-    f.write_all(&crate::cpio::single_file_trailer(size))
+    f.write_all(&tether_boot::initrd::entry_trailer(size))
         .map_err(Error::io("write", out))?;
     Ok(())
 }

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use tether_boot::initrd;
+
 /// What one archive entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
@@ -82,7 +84,7 @@ impl Archive {
             out.extend_from_slice(data);
             pad4(&mut out);
         }
-        header(&mut out, 0, 0, 1, 0, 0, (0, 0), "TRAILER!!!");
+        initrd::write_trailer(&mut out);
         out
     }
 }
@@ -98,62 +100,22 @@ fn header(
     rdev: (u32, u32),
     name: &str,
 ) {
-    let fields = [
-        ino,
-        mode,
-        0,
-        0,
-        nlink,
-        mtime,
-        size,
-        0,
-        0,
-        rdev.0,
-        rdev.1,
-        name.len() as u32 + 1,
-        0,
-    ];
-    out.extend_from_slice(b"070701");
-    for f in fields {
-        out.extend_from_slice(format!("{f:08x}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    pad4(out);
+    initrd::write_header(
+        out,
+        &initrd::Header {
+            ino,
+            mode,
+            nlink,
+            mtime,
+            size,
+            rdev,
+            name,
+        },
+    );
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
-/// A one-file archive holding `data` at `path` (mode 0400), used to hand the rootfs to the
-/// initramfs as a second, concatenated initrd (what iPXE's `initrd URL /rootfs.img` does by
-/// itself). Only the header: the caller streams the body after it, then the trailer.
-pub fn single_file_header(path: &str, size: u64, mtime: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    header(
-        &mut out,
-        1,
-        0o100400,
-        1,
-        mtime,
-        size as u32,
-        (0, 0),
-        path.trim_start_matches('/'),
-    );
-    out
-}
-
-/// What follows a file body written after [`single_file_header`]: padding and the trailer.
-pub fn single_file_trailer(size: u64) -> Vec<u8> {
-    let mut out = vec![0u8; ((4 - size % 4) % 4) as usize];
-    // Built apart so its own padding is relative to a 4-aligned start.
-    let mut trailer = Vec::new();
-    header(&mut trailer, 0, 0, 1, 0, 0, (0, 0), "TRAILER!!!");
-    out.extend(trailer);
-    out
+    initrd::pad4(out);
 }
 
 #[cfg(test)]
@@ -252,10 +214,10 @@ mod tests {
     #[test]
     fn single_file_archive_round_trips() {
         for body in [&b"abc"[..], b"abcd", b""] {
-            let mut out = single_file_header("/rootfs.img", body.len() as u64, 5);
+            let mut out = initrd::entry_header("/rootfs.img", body.len() as u64).unwrap();
             assert_eq!(out.len() % 4, 0);
             out.extend_from_slice(body);
-            out.extend(single_file_trailer(body.len() as u64));
+            out.extend(initrd::entry_trailer(body.len() as u64));
             assert_eq!(out.len() % 4, 0);
             let text = listing(&out);
             assert!(
