@@ -24,8 +24,17 @@ impl Qemu {
     /// A TCG VM with `memory_mib` of RAM and 2 vCPUs, its console in `serial` (truncated),
     /// and no NIC unless [`Qemu::arg`] adds one.
     pub fn new(serial: &Path, memory_mib: u32) -> Qemu {
+        Qemu::with_command(Command::new("qemu-system-x86_64"), serial, memory_mib)
+    }
+
+    /// Like [`Qemu::new`], with qemu inside the network namespace `ns` (so that its tap
+    /// NICs, made there, are on that namespace's bridges).
+    pub fn new_in(ns: &crate::NetNs, serial: &Path, memory_mib: u32) -> Qemu {
+        Qemu::with_command(ns.command("qemu-system-x86_64"), serial, memory_mib)
+    }
+
+    fn with_command(mut cmd: Command, serial: &Path, memory_mib: u32) -> Qemu {
         let _ = fs::remove_file(serial);
-        let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2"])
             .args(["-m", &memory_mib.to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+pub mod image;
+
 /// How long a unit started in a test container may take.
 pub const UNIT_TIMEOUT: Duration = Duration::from_secs(30);
 

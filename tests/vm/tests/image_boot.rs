@@ -8,106 +8,18 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tether_boot::manifest::Manifest;
 use tether_image::build::{BuildOptions, build, verify_image, write_combined_initrd};
 use tether_image::keys;
 use tether_image::{Error, spec::RootfsFormat};
 use tether_testkit::Container;
 use tether_testkit::nspawn::ContainerOptions;
 use tether_testkit::qemu::{self, Qemu};
+use tether_vm_tests::image::{Built, agent_binary, image, options, scratch, workspace};
 
 /// How long a TCG boot may take to reach the agent (about 20 s of guest time here).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The tether-agent binary, built by cargo into this test's own target directory.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace())
-        .args(["build", "-q", "-p", "tether-agent", "--target-dir"])
-        .arg(&target_dir)
-        .status()
-        .expect("run cargo build -p tether-agent");
-    assert!(status.success(), "cargo build -p tether-agent");
-    profile_dir.join("tether-agent")
-}
-
-struct Built {
-    dir: PathBuf,
-    key: PathBuf,
-    manifest: Manifest,
-}
-
-/// This run's scratch directory (images are ~300 MB each). Scratch directories of earlier
-/// runs whose process is gone are removed first: a test run has no global teardown.
-fn scratch() -> PathBuf {
-    static CLEANED: OnceLock<()> = OnceLock::new();
-    CLEANED.get_or_init(|| {
-        for e in fs::read_dir(std::env::temp_dir())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("tether-image-test-")
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
-    });
-    let dir = std::env::temp_dir().join(format!("tether-image-test-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn options(out: &Path, key: &Path, agent: &Path, fresh: bool) -> BuildOptions {
-    BuildOptions {
-        spec: workspace().join("image-builder/examples/default.toml"),
-        out: out.to_path_buf(),
-        agent: Some(agent.to_path_buf()),
-        key: Some(key.to_path_buf()),
-        fresh,
-        format: None,
-    }
-}
-
-/// One build of the example spec per test run, shared by the tests.
-fn image() -> &'static Built {
-    static IMAGE: OnceLock<Built> = OnceLock::new();
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    IMAGE.get_or_init(|| {
-        let dir = scratch();
-        let keys = dir.join("keys");
-        if !keys.join("signing.key").exists() {
-            keys::keygen(&keys).unwrap();
-        }
-        let out = dir.join("image");
-        let report = build(&options(
-            &out,
-            &keys.join("signing.key"),
-            &agent_binary(),
-            false,
-        ))
-        .expect("build the example image");
-        Built {
-            dir: out,
-            key: keys.join("signing.pub"),
-            manifest: report.manifest.unwrap(),
-        }
-    })
-}
 
 /// A qemu VM (testkit's, killed on drop) whose waits panic with the console's tail.
 struct Vm(qemu::Vm);
