@@ -419,6 +419,24 @@ async fn artifact<B>(
     r
 }
 
+/// Pending connections the HTTP listener queues (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). A fleet powering on at once connects in one
+/// burst: with the standard library's (and tokio's) 128, a 500-machine storm overflowed the
+/// queue, the kernel fell back to SYN cookies and some connections were reset.
+pub const HTTP_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP listener with [`HTTP_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(HTTP_BACKLOG)
+}
+
 /// Serves HTTP/1.1 (keep-alive, no pipelining guarantees beyond in-order replies) on
 /// `listener` until `shutdown` flips to true; connections finish the response in progress
 /// (bounded to 10 s) and close.

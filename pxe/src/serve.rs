@@ -21,7 +21,7 @@ use clap::Args;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tether_boot::{CaPin, Token};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
 
 use crate::artifacts::Store;
@@ -385,9 +385,7 @@ pub async fn run(p: Prepared, shutdown: watch::Receiver<bool>) -> Result<()> {
         ),
     ));
     let http_addr = SocketAddr::new(a.listen, a.http_port);
-    let listener = TcpListener::bind(http_addr)
-        .await
-        .map_err(Error::io("bind HTTP", http_addr))?;
+    let listener = http::bind(http_addr).map_err(Error::io("bind HTTP", http_addr))?;
     tasks.push(task(
         "http",
         http::serve(listener, p.app.clone(), shutdown.clone()),

@@ -355,3 +355,32 @@ async fn http_scripts_and_artifacts() {
     let _ = stop.send(true);
     let _ = stop0.send(true);
 }
+
+/// The HTTP listener queues a whole fleet's burst of connections (a 500-machine boot storm
+/// overflowed the standard 128 and got connections reset): `ss` reports its backlog.
+#[tokio::test]
+async fn http_listener_backlog_takes_a_boot_storm() {
+    let l = tether_pxe::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // State Recv-Q Send-Q Local Peer: for a listener Send-Q is the backlog.
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("ss output: {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        backlog,
+        tether_pxe::http::HTTP_BACKLOG.min(somaxconn),
+        "{text}"
+    );
+}
