@@ -54,6 +54,25 @@ pub enum Error {
         /// Why.
         detail: String,
     },
+    /// A MAC we do not know asked for a script without having DHCP'd on our segment
+    /// recently: nothing is created for it.
+    #[error("MAC {mac} is unknown and has not DHCP'd on this segment recently")]
+    NotSeen {
+        /// The machine.
+        mac: String,
+    },
+    /// The machine API is not published (no ConfigMap, or an unusable one), so no boot
+    /// token is minted and no script served.
+    #[error("machine API not published: {0}")]
+    Unpublished(String),
+    /// A serving task ended while the server was meant to be running.
+    #[error("{task} task {how}; stopping so that a supervisor restarts the whole server")]
+    TaskDied {
+        /// Which task (`dhcp`, `proxy-dhcp`, `tftp`, `http`, `token-gc`).
+        task: &'static str,
+        /// What happened (`panicked: …`, `failed: …`, `ended`).
+        how: String,
+    },
     /// The lease database could not be read or written.
     #[error("lease file {path}: {detail}")]
     Leases {

@@ -1,6 +1,8 @@
 //! The HTTP side: `/boot/<mac>.ipxe` (per-machine iPXE script), `/boot/<mac>/beacon` (the
 //! script's "I got here" call), `/artifacts/sha256/<hex>` (content-addressed files with
-//! Range and ETag), the iPXE binaries for UEFI HTTP boot, and `/metrics`.
+//! Range and ETag) and `/artifacts/sha256/<hex>/cpio/<path>` (the same file wrapped as one
+//! cpio entry at `/<path>`, for UEFI iPXE, which cannot wrap it), the iPXE binaries for UEFI
+//! HTTP boot, and `/metrics`.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -13,11 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::artifacts::Store;
+use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::script::{self, Enrollment};
+use crate::recent::RecentMacs;
+use crate::script::{self, CPIO_SUFFIX};
 use crate::source::{self, BootSource};
 use crate::tftp::Files;
-use tether_boot::Mac;
+use tether_boot::{Mac, initrd};
 
 /// Response body type: small bodies in memory; artifact bodies are a [`SendFile`] extension.
 pub type Body = Bytes;
@@ -27,12 +31,15 @@ const MAX_HEAD: usize = 16 * 1024;
 /// How long an idle keep-alive connection may wait for its next request.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// An artifact body, sent with sendfile(2) by the connection loop.
+/// An artifact body, sent with sendfile(2) by the connection loop, between an optional
+/// prefix and suffix written from memory (a cpio header and trailer).
 #[derive(Clone)]
 pub struct SendFile {
+    prefix: Bytes,
     file: Arc<std::fs::File>,
     offset: u64,
     len: u64,
+    suffix: Bytes,
     /// The download slot, released when the body has been sent.
     _permit: Arc<OwnedSemaphorePermit>,
 }
@@ -141,8 +148,8 @@ pub struct App {
     pub files: Files,
     /// Our base URL, as clients reach it.
     pub http_base: String,
-    /// Enrollment parameters for kernel command lines.
-    pub enroll: Enrollment,
+    /// MACs that DHCP'd on our segment recently: only those may create objects.
+    pub recent: Arc<RecentMacs>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Bounds concurrent artifact downloads; past it clients get 503 + Retry-After.
@@ -176,8 +183,31 @@ async fn route<B>(app: &App, req: &Request<B>, path: &str) -> (&'static str, Res
             text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD"),
         );
     }
-    if let Some(hex) = path.strip_prefix("/artifacts/sha256/") {
-        return ("artifact", artifact(app, req, hex).await);
+    if let Some(rest) = path.strip_prefix("/artifacts/sha256/") {
+        let (hex, tail) = match rest.split_once('/') {
+            None => (rest, None),
+            Some((hex, tail)) => (hex, Some(tail)),
+        };
+        if script::check_sha256("artifact hash", hex).is_err() {
+            return (
+                "artifact",
+                text(
+                    StatusCode::BAD_REQUEST,
+                    "artifact name must be 64 lower-case hex digits",
+                ),
+            );
+        }
+        return match tail.map(|t| {
+            t.strip_prefix(&CPIO_SUFFIX[1..])
+                .and_then(|p| p.strip_prefix('/'))
+        }) {
+            None => ("artifact", artifact(app, req, hex, None).await),
+            Some(Some(entry)) => (
+                "artifact_cpio",
+                artifact(app, req, hex, Some(&format!("/{entry}"))).await,
+            ),
+            Some(None) => ("other", text(StatusCode::NOT_FOUND, "not found")),
+        };
     }
     if let Some(rest) = path.strip_prefix("/boot/") {
         if let Some(mac) = rest.strip_suffix(".ipxe") {
@@ -214,16 +244,34 @@ async fn boot_script(app: &App, mac: &str) -> Response<Body> {
         Ok(m) => m,
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
+    let seen = app.recent.seen(mac);
     let result = async {
-        let a = app.source.assignment(mac).await?;
-        let plan = source::plan(&a, mac, &app.store, &app.http_base, &app.enroll)?;
+        let a = app.source.assignment(mac, seen).await?;
+        let plan = source::plan(&a, mac, &app.store, &app.http_base)?;
         let s = script::render(&plan, mac, &app.http_base)?;
-        tracing::info!(%mac, machine = %plan.machine, image = %plan.image_version, discovered = a.discovered, "served boot script");
-        Ok::<_, crate::Error>(s)
+        // Only a script that rendered gets its token recorded, and only a recorded token
+        // is handed out.
+        app.source.commit(mac, &a).await?;
+        tracing::info!(%mac, machine = %plan.machine, image = %plan.image_version, discovered = a.discovered, token = a.enroll.token.is_some(), "served boot script");
+        Ok::<_, Error>(s)
     }
     .await;
     match result {
         Ok(s) => full(StatusCode::OK, "text/plain; charset=utf-8", s),
+        Err(e @ Error::NotSeen { .. }) => {
+            tracing::info!(%mac, "no boot script: {e}");
+            text(
+                StatusCode::NOT_FOUND,
+                &format!("{e}: boot it through DHCP on this segment"),
+            )
+        }
+        Err(e @ Error::Unpublished(_)) => {
+            tracing::warn!(%mac, "no boot script: {e}");
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            r
+        }
         Err(e) => {
             tracing::warn!(%mac, "no boot script: {e}");
             // Details stay in our log: the client is unauthenticated.
@@ -238,7 +286,7 @@ async fn boot_script(app: &App, mac: &str) -> Response<Body> {
 fn beacon(app: &App, mac: &str) -> Response<Body> {
     match mac.parse::<Mac>() {
         Ok(m) => {
-            app.metrics.boot(&m.to_string());
+            app.metrics.boot(m, app.recent.seen(m));
             tracing::info!(mac = %m, "boot beacon");
             full(StatusCode::OK, "text/plain", "#!ipxe\n")
         }
@@ -246,17 +294,36 @@ fn beacon(app: &App, mac: &str) -> Response<Body> {
     }
 }
 
-async fn artifact<B>(app: &App, req: &Request<B>, hex: &str) -> Response<Body> {
-    if script::check_sha256("artifact hash", hex).is_err() {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "artifact name must be 64 lower-case hex digits",
-        );
+/// `/artifacts/sha256/<hex>`, or with `entry` its copy wrapped as that one cpio entry
+/// (no Range on the wrapped copy: a server may ignore Range, and iPXE sends none).
+async fn artifact<B>(
+    app: &App,
+    req: &Request<B>,
+    hex: &str,
+    entry: Option<&str>,
+) -> Response<Body> {
+    if let Some(p) = entry
+        && let Err(e) = script::check_entry_path(p)
+    {
+        return text(StatusCode::BAD_REQUEST, &e.to_string());
     }
     let Some(stored) = app.store.get(hex) else {
         return text(StatusCode::NOT_FOUND, "no such artifact");
     };
-    let etag = format!("\"sha256-{hex}\"");
+    let wrap = match entry {
+        None => None,
+        Some(p) => match initrd::entry_header(p, stored.size) {
+            Ok(h) => Some((
+                Bytes::from(h),
+                Bytes::from(initrd::entry_trailer(stored.size)),
+            )),
+            Err(e) => return text(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        },
+    };
+    let etag = match entry {
+        None => format!("\"sha256-{hex}\""),
+        Some(p) => format!("\"sha256-{hex}-cpio-{}\"", p.trim_start_matches('/')),
+    };
     if let Some(inm) = req
         .headers()
         .get(header::IF_NONE_MATCH)
@@ -293,7 +360,7 @@ async fn artifact<B>(app: &App, req: &Request<B>, hex: &str) -> Response<Body> {
         .headers()
         .get(header::IF_RANGE)
         .is_none_or(|v| v.to_str().ok() == Some(etag.as_str()));
-    let ranged = if if_range_ok {
+    let ranged = if if_range_ok && wrap.is_none() {
         range::parse(range_header, size)
     } else {
         range::Ranged::Full
@@ -310,12 +377,16 @@ async fn artifact<B>(app: &App, req: &Request<B>, hex: &str) -> Response<Body> {
             return r;
         }
     };
+    let (prefix, suffix) = wrap.unwrap_or_default();
+    let body_len = prefix.len() as u64 + len + suffix.len() as u64;
     let mut r = Response::new(Bytes::new());
     if req.method() == Method::GET {
         r.extensions_mut().insert(SendFile {
+            prefix: prefix.clone(),
             file: stored.file.clone(),
             offset: start,
             len,
+            suffix: suffix.clone(),
             _permit: Arc::new(permit),
         });
     }
@@ -325,8 +396,11 @@ async fn artifact<B>(app: &App, req: &Request<B>, hex: &str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    h.insert(
+        header::ACCEPT_RANGES,
+        HeaderValue::from_static(if prefix.is_empty() { "bytes" } else { "none" }),
+    );
     h.insert(
         header::ETAG,
         HeaderValue::from_str(&etag).expect("hex etag"),
@@ -345,6 +419,24 @@ async fn artifact<B>(app: &App, req: &Request<B>, hex: &str) -> Response<Body> {
     r
 }
 
+/// Pending connections the HTTP listener queues (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). A fleet powering on at once connects in one
+/// burst: with the standard library's (and tokio's) 128, a 500-machine storm overflowed the
+/// queue, the kernel fell back to SYN cookies and some connections were reset.
+pub const HTTP_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP listener with [`HTTP_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(HTTP_BACKLOG)
+}
+
 /// Serves HTTP/1.1 (keep-alive, no pipelining guarantees beyond in-order replies) on
 /// `listener` until `shutdown` flips to true; connections finish the response in progress
 /// (bounded to 10 s) and close.
@@ -353,7 +445,8 @@ async fn artifact<B>(app: &App, req: &Request<B>, hex: &str) -> Response<Body> {
 /// body, and artifact bodies go out with sendfile(2) — page cache to socket, as nginx does —
 /// which a general server's body abstraction cannot express.
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
-    let live = Arc::new(());
+    // Each connection holds a sender; when the last one is gone, recv() returns None.
+    let (live, mut drained) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -377,13 +470,12 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut shutdown: watch::Re
             }
         });
     }
-    let start = tokio::time::Instant::now();
-    while Arc::strong_count(&live) > 1 {
-        if start.elapsed() > Duration::from_secs(10) {
-            tracing::warn!("HTTP connections still open after 10 s; closing");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(live);
+    if tokio::time::timeout(Duration::from_secs(10), drained.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open after 10 s; closing");
     }
 }
 
@@ -457,8 +549,12 @@ async fn connection(
         let close = close || *shutdown.borrow();
         write_response(&mut stream, &resp, req.method() == Method::HEAD, close).await?;
         if let Some(sf) = resp.extensions().get::<SendFile>() {
+            stream.write_all(&sf.prefix).await?;
             send_file(&stream, sf).await?;
-            app.metrics.http_bytes.inc_by(sf.len);
+            stream.write_all(&sf.suffix).await?;
+            app.metrics
+                .http_bytes
+                .inc_by(sf.prefix.len() as u64 + sf.len + sf.suffix.len() as u64);
         } else if req.method() != Method::HEAD {
             app.metrics.http_bytes.inc_by(resp.body().len() as u64);
         }

@@ -11,6 +11,7 @@ pub mod dhcp;
 pub mod error;
 pub mod http;
 pub mod metrics;
+pub mod recent;
 pub mod script;
 pub mod serve;
 pub mod source;

@@ -20,33 +20,11 @@ enum Command {
     Serve(Box<ServeArgs>),
 }
 
-async fn serve_until_signal(args: ServeArgs) -> tether_pxe::Result<()> {
-    let prepared = serve::prepare(args).await?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(tether_pxe::Error::io("install", "SIGTERM handler"))?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        }
-        let _ = tx.send(true);
-    });
-    serve::run(prepared, rx).await
-}
-
 fn main() {
     let cli = Cli::parse();
     cli.log.init();
-    let result = match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(tether_pxe::Error::io("start", "tokio runtime"))
-            .and_then(|rt| rt.block_on(serve_until_signal(*args))),
+    let code = match cli.command {
+        Command::Serve(args) => serve::exit_code(serve::serve_until_signal(*args)),
     };
-    if let Err(e) = result {
-        tracing::error!("{e}");
-        std::process::exit(1);
-    }
+    std::process::exit(code);
 }

@@ -2,8 +2,15 @@
 //!
 //! Everything that can be wrong is checked before any socket opens: the iPXE binaries exist,
 //! the configuration parses and its files hash, the enrollment values are safe to put on a
-//! kernel command line, the lease book parses.
+//! kernel command line, every DHCP reply fits, the lease book parses.
+//!
+//! The serving tasks run under [`supervise`]: one that ends, fails or panics while the
+//! server is meant to be up stops the whole process with an error naming it, so that a
+//! supervisor (systemd, the kubelet) restarts a whole server rather than leaving one that
+//! answers HTTP but no longer DHCP.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +18,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
-use tokio::net::{TcpListener, UdpSocket};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tether_boot::{CaPin, Token};
+use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
 
 use crate::artifacts::Store;
@@ -20,7 +30,9 @@ use crate::dhcp::{self, BIOS_FILE, BootServer, EFI_FILE, Port};
 use crate::error::{Error, Result};
 use crate::http::{self, App};
 use crate::metrics::Metrics;
-use crate::script::{self, Enrollment};
+use crate::recent::{self, RecentMacs};
+use crate::script::Enrollment;
+use crate::source::kube::{GC_PERIOD, KubeOptions};
 use crate::source::{BootSource, config::ConfigSource, kube::KubeSource};
 use crate::tftp::{self, Files};
 
@@ -94,26 +106,38 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub max_downloads: usize,
     /// Standalone source: a TOML file of images and machines.
-    #[arg(long, conflicts_with = "namespace")]
+    #[arg(long, conflicts_with = "cluster", required_unless_present = "cluster")]
     pub config: Option<PathBuf>,
-    /// Cluster source: the namespace of Machine/BootImage objects (kubeconfig from
-    /// KUBECONFIG or the in-cluster service account).
+    /// Cluster source: Machine and BootImage objects of the management cluster (kubeconfig
+    /// from KUBECONFIG or the in-cluster service account); mints a boot token per script.
     #[arg(long)]
-    pub namespace: Option<String>,
+    pub cluster: bool,
+    /// Cluster source: the operator's namespace, where the machine API ConfigMap and the
+    /// boot tokens live.
+    #[arg(long, default_value = tether_api::machine_api::NAMESPACE)]
+    pub namespace: String,
     /// Cluster source: the BootImage for machines that name none.
     #[arg(long, default_value = "default")]
     pub default_image: String,
+    /// How long after its last DHCP request a MAC counts as on our segment (only such MACs
+    /// get Machines, boot tokens and their own boot metric series).
+    #[arg(long, default_value_t = 600)]
+    pub seen_secs: u64,
     /// Directory of content-addressed artifacts, each served at /artifacts/sha256/<hex>.
     #[arg(long)]
     pub artifacts_dir: Option<PathBuf>,
-    /// Machine API URL put on kernel command lines (tether.api=).
+    /// Machine API URL put on kernel command lines (tether.api=); with --cluster it
+    /// overrides the ConfigMap's `url`.
     #[arg(long)]
     pub api_url: Option<String>,
-    /// Operator CA pin, sha256:<hex> (tether.ca=).
+    /// Machine API CA pin, sha256:<hex> (tether.ca=); with --cluster it overrides the
+    /// ConfigMap's `caPin`.
     #[arg(long)]
     pub ca_pin: Option<String>,
-    /// File holding the enrollment token (tether.token=); a file keeps it out of `ps`.
-    #[arg(long)]
+    /// TOML source: file holding the site-wide enrollment token `<id>.<secret>` (a join
+    /// token from `tether-operator token create`) put on every command line; a file keeps
+    /// it out of `ps`. The cluster source mints a boot token per script instead.
+    #[arg(long, conflicts_with = "cluster")]
     pub token_file: Option<PathBuf>,
     /// Base URL clients use to reach our HTTP server; default http://<address>[:port].
     #[arg(long)]
@@ -173,6 +197,8 @@ pub struct Prepared {
     app: Arc<App>,
     leases: Option<Leases>,
     metrics: Arc<Metrics>,
+    recent: Arc<RecentMacs>,
+    cluster: Option<KubeSource>,
 }
 
 /// Runs every start-up check and loads sources, files and leases.
@@ -201,44 +227,59 @@ pub async fn prepare(args: ServeArgs) -> Result<Prepared> {
         None if args.http_port == 80 => format!("http://{ip}"),
         None => format!("http://{ip}:{}", args.http_port),
     };
-    script::check_url("--http-base-url", &http_base)?;
+    tether_boot::cmdline::check_url("--http-base-url", &http_base)?;
+    let server = BootServer {
+        ip,
+        http_base: http_base.clone(),
+    };
+    if !args.no_dhcp {
+        dhcp::check_sizes(&server, args.full_dhcp)?;
+    }
     let token = match &args.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(Error::io("read", p.display()))?
-                .trim()
-                .to_string(),
-        ),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(Error::io("read", p.display()))?;
+            let t: Token = text.trim().parse().map_err(|e| {
+                flags(format!(
+                    "--token-file {}: {e} (make one with `tether-operator token create`)",
+                    p.display()
+                ))
+            })?;
+            Some(t)
+        }
         None => None,
     };
-    let enroll = Enrollment {
-        api_url: args.api_url.clone(),
-        ca_pin: args.ca_pin.clone(),
-        token,
-    };
-    if let Some(u) = &enroll.api_url {
-        script::check_url("--api-url", u)?;
+    if let Some(u) = &args.api_url {
+        tether_boot::cmdline::check_url("--api-url", u)?;
     }
-    if let Some(p) = &enroll.ca_pin {
-        script::check_ca_pin(p)?;
-    }
-    if let Some(t) = &enroll.token {
-        script::check_token(t)?;
-    }
+    let ca_pin: Option<CaPin> = args.ca_pin.as_deref().map(str::parse).transpose()?;
+    let enroll = Enrollment::new(args.api_url.clone(), ca_pin, token)?;
     let mut store = Store::default();
     if let Some(d) = &args.artifacts_dir {
         let n = store.add_dir(d)?;
         tracing::info!(dir = %d.display(), files = n, "artifact store loaded");
     }
-    let source: Arc<dyn BootSource> = match (&args.config, &args.namespace) {
-        (Some(path), _) => Arc::new(ConfigSource::load(path, &mut store)?),
-        (None, Some(ns)) => {
+    let (source, cluster): (Arc<dyn BootSource>, Option<KubeSource>) = match &args.config {
+        Some(path) => (
+            Arc::new(ConfigSource::load(path, &mut store, enroll)?),
+            None,
+        ),
+        None if args.cluster => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(Error::kube("connect to the management cluster"))?;
-            Arc::new(KubeSource::new(client, ns, &args.default_image))
+            let k = KubeSource::new(
+                client,
+                KubeOptions {
+                    namespace: args.namespace.clone(),
+                    default_image: args.default_image.clone(),
+                    api_url: enroll.api_url,
+                    ca_pin: enroll.ca_pin,
+                    server_id: ip.to_string(),
+                },
+            )?;
+            (Arc::new(k.clone()), Some(k))
         }
-        (None, None) => return Err(flags("pass --config FILE or --namespace NS".into())),
+        None => return Err(flags("pass --config FILE or --cluster".into())),
     };
     let leases = if args.full_dhcp && !args.no_dhcp {
         let pool = Pool {
@@ -256,80 +297,191 @@ pub async fn prepare(args: ServeArgs) -> Result<Prepared> {
         None
     };
     let metrics = Arc::new(Metrics::default());
+    let recent = Arc::new(RecentMacs::new(
+        recent::DEFAULT_CAP,
+        Duration::from_secs(args.seen_secs),
+    ));
     let files = Arc::new(files);
     let app = Arc::new(App {
         source,
         store,
         files: (*files).clone(),
-        http_base: http_base.clone(),
-        enroll,
+        http_base,
+        recent: recent.clone(),
         metrics: metrics.clone(),
         artifact_slots: Arc::new(Semaphore::new(args.max_downloads)),
     });
     Ok(Prepared {
-        server: BootServer { ip, http_base },
+        server,
         args,
         files,
         app,
         leases,
         metrics,
+        recent,
+        cluster,
     })
 }
 
+/// A serving task and its name (for the error when it dies).
+pub type Task = (&'static str, BoxFuture<'static, Result<()>>);
+
+fn task(name: &'static str, f: impl Future<Output = ()> + Send + 'static) -> Task {
+    (name, f.map(|()| Ok(())).boxed())
+}
+
 /// Binds every socket and serves until `shutdown` flips to true; then stops accepting,
-/// lets HTTP connections finish (bounded) and returns.
+/// lets HTTP connections finish (bounded) and returns. A task that stops on its own is an
+/// error ([`supervise`]).
 pub async fn run(p: Prepared, shutdown: watch::Receiver<bool>) -> Result<()> {
     let a = &p.args;
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks: Vec<Task> = Vec::new();
     if !a.no_dhcp {
         let ifname = a.interface.as_deref();
         let s67 = dhcp::server::bind(Ipv4Addr::UNSPECIFIED, a.dhcp_port, ifname)?;
-        tasks.spawn(dhcp::server::serve(
-            s67,
-            Port::Dhcp,
-            p.server.clone(),
-            p.leases,
-            a.dhcp_client_port,
-            p.metrics.clone(),
-            shutdown.clone(),
+        tasks.push(task(
+            "dhcp",
+            dhcp::server::serve(
+                s67,
+                Port::Dhcp,
+                p.server.clone(),
+                p.leases,
+                a.dhcp_client_port,
+                p.recent.clone(),
+                p.metrics.clone(),
+                shutdown.clone(),
+            ),
         ));
         let s4011 = dhcp::server::bind(Ipv4Addr::UNSPECIFIED, a.proxy_port, ifname)?;
-        tasks.spawn(dhcp::server::serve(
-            s4011,
-            Port::ProxyDhcp,
-            p.server.clone(),
-            None,
-            a.dhcp_client_port,
-            p.metrics.clone(),
-            shutdown.clone(),
+        tasks.push(task(
+            "proxy-dhcp",
+            dhcp::server::serve(
+                s4011,
+                Port::ProxyDhcp,
+                p.server.clone(),
+                None,
+                a.dhcp_client_port,
+                p.recent.clone(),
+                p.metrics.clone(),
+                shutdown.clone(),
+            ),
         ));
     }
     let tftp_addr = SocketAddr::new(a.listen, a.tftp_port);
     let tftp_sock = UdpSocket::bind(tftp_addr)
         .await
         .map_err(Error::io("bind TFTP", tftp_addr))?;
-    tasks.spawn(tftp::server::serve(
-        tftp_sock,
-        p.files.clone(),
-        tftp::server::Limits {
-            max_transfers: a.max_tftp_transfers,
-            max_duration: Duration::from_secs(a.tftp_transfer_secs),
-        },
-        p.metrics.clone(),
-        shutdown.clone(),
+    tasks.push(task(
+        "tftp",
+        tftp::server::serve(
+            tftp_sock,
+            p.files.clone(),
+            tftp::server::Limits {
+                max_transfers: a.max_tftp_transfers,
+                max_duration: Duration::from_secs(a.tftp_transfer_secs),
+            },
+            p.metrics.clone(),
+            shutdown.clone(),
+        ),
     ));
     let http_addr = SocketAddr::new(a.listen, a.http_port);
-    let listener = TcpListener::bind(http_addr)
-        .await
-        .map_err(Error::io("bind HTTP", http_addr))?;
-    tasks.spawn(http::serve(listener, p.app.clone(), shutdown.clone()));
+    let listener = http::bind(http_addr).map_err(Error::io("bind HTTP", http_addr))?;
+    tasks.push(task(
+        "http",
+        http::serve(listener, p.app.clone(), shutdown.clone()),
+    ));
+    if let Some(k) = p.cluster {
+        tasks.push(task(
+            "token-gc",
+            k.collect_expired_every(GC_PERIOD, shutdown.clone()),
+        ));
+    }
     tracing::info!(
         address = %p.server.ip,
         http = %p.server.http_base,
         mode = if a.no_dhcp { "no-dhcp" } else if a.full_dhcp { "full-dhcp" } else { "proxy-dhcp" },
         "tether-pxe serving"
     );
-    while tasks.join_next().await.is_some() {}
+    supervise(tasks, shutdown).await?;
     tracing::info!("tether-pxe stopped");
     Ok(())
+}
+
+/// Runs `tasks` until each has returned after `shutdown` flipped. The first that returns
+/// before (or fails, or panics) aborts the others and is the error, naming the task.
+pub async fn supervise(tasks: Vec<Task>, shutdown: watch::Receiver<bool>) -> Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut names = HashMap::new();
+    for (name, fut) in tasks {
+        let handle = set.spawn(fut);
+        names.insert(handle.id(), name);
+    }
+    while let Some(joined) = set.join_next_with_id().await {
+        let (id, how) = match joined {
+            Ok((_, Ok(()))) if *shutdown.borrow() => continue,
+            Ok((id, Ok(()))) => (id, "ended while the server was running".to_string()),
+            Ok((id, Err(e))) => (id, format!("failed: {e}")),
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                let payload = e.into_panic();
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                (id, format!("panicked: {msg}"))
+            }
+            Err(e) => (e.id(), "was cancelled".to_string()),
+        };
+        set.abort_all();
+        return Err(Error::TaskDied {
+            task: names.get(&id).copied().unwrap_or("unnamed"),
+            how,
+        });
+    }
+    Ok(())
+}
+
+/// Prepares and serves until SIGTERM or SIGINT.
+pub async fn serve_until_signal(args: ServeArgs) -> Result<()> {
+    let prepared = prepare(args).await?;
+    let (tx, rx) = watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::io("install", "SIGTERM handler"))?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        let _ = tx.send(true);
+    });
+    run(prepared, rx).await
+}
+
+/// Runs `main` on a fresh runtime and returns the process's exit code: 0 when it returned
+/// Ok (blocking work such as TFTP transfers gets 10 s to finish), 1 with the error logged
+/// otherwise — at once, without waiting for anything still running, so that a server with
+/// a dead task never lingers half alive.
+pub fn exit_code(main: impl Future<Output = Result<()>>) -> i32 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("start tokio runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(main) {
+        Ok(()) => {
+            rt.shutdown_timeout(Duration::from_secs(10));
+            0
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            rt.shutdown_background();
+            1
+        }
+    }
 }

@@ -1,5 +1,7 @@
-//! Runs each cargo-fuzz (libFuzzer) target for a bounded time — 60 s each by default,
-//! `TETHER_FUZZ_SECS` to change — starting from seeds of real requests, and fails on any
+//! Runs each cargo-fuzz (libFuzzer) target — `dhcp` (proxy and full DHCP with a lease book,
+//! through the same `dhcp::handle` the server runs), `tftp`, and `http` (request heads
+//! through the server's router) — for a bounded time, 40 s each by default
+//! (`TETHER_FUZZ_SECS` to change), starting from seeds of real requests, and fails on any
 //! crash. This is an ordinary test so that `cargo xtask test` (and with it CI) fuzzes on
 //! every run.
 //!
@@ -57,6 +59,31 @@ fn seeds(dir: &Path, target: &str) {
                 inputs.push(dhcp::encode(&m).unwrap());
             }
         }
+    } else if target == "http" {
+        // The fuzz app's kernel and rootfs (pxe/fuzz/fuzz_targets/http.rs).
+        let sha = |b: &[u8]| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(b))
+        };
+        let (k, r) = (sha(&[7u8; 3000]), sha(&[1u8; 5001]));
+        inputs.push(
+            format!("GET /artifacts/sha256/{k} HTTP/1.1\r\nRange: bytes=10-99\r\n\r\n")
+                .into_bytes(),
+        );
+        inputs.push(
+            format!("GET /artifacts/sha256/{r}/cpio/rootfs.img HTTP/1.1\r\n\r\n").into_bytes(),
+        );
+        for head in [
+            "GET /boot/52-54-00-00-00-01.ipxe HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /boot/52-54-00-00-00-02.ipxe HTTP/1.1\r\n\r\n",
+            "GET /boot/52-54-00-00-00-01/beacon HTTP/1.0\r\n\r\n",
+            "HEAD /ipxe.efi HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\n\r\n",
+            "GET /artifacts/sha256/0000000000000000000000000000000000000000000000000000000000000000 HTTP/1.1\r\nRange: bytes=0-9\r\nIf-None-Match: *\r\n\r\n",
+            "GET /artifacts/sha256/0000000000000000000000000000000000000000000000000000000000000000/cpio/rootfs.img HTTP/1.1\r\n\r\n",
+        ] {
+            inputs.push(head.as_bytes().to_vec());
+        }
     } else {
         inputs.push(tftp::rrq_packet("undionly.kpxe", &[]));
         let mut with_acks = tftp::rrq_packet(
@@ -74,11 +101,11 @@ fn seeds(dir: &Path, target: &str) {
 }
 
 #[test]
-fn fuzz_dhcp_and_tftp_handlers() {
+fn fuzz_dhcp_tftp_and_http_handlers() {
     let secs: u64 = std::env::var("TETHER_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+        .unwrap_or(40);
     if !has_cargo_fuzz() {
         let st = cargo()
             .args(["install", "--locked", "cargo-fuzz"])
@@ -94,7 +121,7 @@ fn fuzz_dhcp_and_tftp_handlers() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
         .join("fuzz");
     let work = tempfile::tempdir().unwrap();
-    for target in ["dhcp", "tftp"] {
+    for target in ["dhcp", "tftp", "http"] {
         let corpus = work.path().join(target);
         seeds(&corpus, target);
         // `CARGO` is the toolchain's own cargo, which knows no `+toolchain`: go through rustup.

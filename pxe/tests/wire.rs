@@ -147,6 +147,22 @@ async fn tftp_serves_registered_files_only() {
     let _ = stop.send(true);
 }
 
+/// `cpio -t -v` of an archive: the real tool's reading of what we serve.
+fn cpio_listing(archive: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("cpio")
+        .args(["-t", "-v", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cpio is installed (cargo xtask deps)");
+    child.stdin.take().unwrap().write_all(archive).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn write(dir: &Path, name: &str, data: &[u8]) {
     std::fs::write(dir.join(name), data).unwrap();
 }
@@ -157,28 +173,43 @@ async fn http_scripts_and_artifacts() {
     let kernel = payload(200_000);
     write(dir.path(), "vmlinuz", &kernel);
     write(dir.path(), "initrd", b"initrd-bytes");
+    let rootfs = payload(10_001);
+    write(dir.path(), "rootfs.squashfs", &rootfs);
     let cfg = dir.path().join("pxe.toml");
     std::fs::write(
         &cfg,
-        "default_image = \"d\"\n[images.d]\nversion = \"v1\"\ncmdline = \"console=ttyS0\"\nkernel = \"vmlinuz\"\ninitrd = \"initrd\"\n",
+        format!(
+            "default_image = \"d\"\n[images.d]\nversion = \"v1\"\n\
+             cmdline = \"console=ttyS0 tether.root=file:/rootfs.img tether.rootfstype=squashfs \
+             tether.verity.roothash={} tether.verity.hashoffset=8192\"\n\
+             kernel = \"vmlinuz\"\ninitrd = \"initrd\"\nrootfs = \"rootfs.squashfs\"\n",
+            "e".repeat(64)
+        ),
     )
     .unwrap();
     let mut store = Store::default();
-    let src = ConfigSource::load(&cfg, &mut store).unwrap();
-    let ksha = tether_pxe::artifacts::hash_file(&dir.path().join("vmlinuz"))
-        .unwrap()
-        .0;
+    let src = ConfigSource::load(&cfg, &mut store, common::site_enrollment()).unwrap();
+    let hash = |f: &str| {
+        tether_pxe::artifacts::hash_file(&dir.path().join(f))
+            .unwrap()
+            .0
+    };
+    let (ksha, rsha) = (hash("vmlinuz"), hash("rootfs.squashfs"));
     let mut files = Files::default();
     files.insert("ipxe.efi", Bytes::from_static(b"MZ-efi"));
-    let (addr, stop, metrics) =
+    let (addr, stop, metrics, recent) =
         common::start_http(Arc::new(src), store.clone(), files.clone(), 8).await;
-    let (addr0, stop0, _) = common::start_http(
-        Arc::new(ConfigSource::load(&cfg, &mut Store::default()).unwrap()),
+    let (addr0, stop0, _, _) = common::start_http(
+        Arc::new(
+            ConfigSource::load(&cfg, &mut Store::default(), common::site_enrollment()).unwrap(),
+        ),
         store,
         files,
         0,
     )
     .await;
+    // The DHCP side saw this MAC.
+    recent.saw("52:54:00:00:00:01".parse().unwrap());
     let ksha2 = ksha.clone();
     let kernel2 = kernel.clone();
     tokio::task::spawn_blocking(move || {
@@ -248,6 +279,52 @@ async fn http_scripts_and_artifacts() {
         );
         assert!(s.contains("tether.mac=52:54:00:00:00:01"), "{s}");
         assert!(
+            s.contains("tether.token=abcdef.0123456789abcdef"),
+            "the site-wide token: {s}"
+        );
+        // The rootfs: iPXE wraps it on BIOS, ours comes wrapped on UEFI.
+        let wrapped = format!("/artifacts/sha256/{rsha}/cpio/rootfs.img");
+        assert!(
+            s.contains(&format!(
+                "initrd --name rootfs http://{addr}/artifacts/sha256/{rsha} /rootfs.img mode=0400 || goto failed\n"
+            )) && s.contains(&format!("initrd --name rootfs http://{addr}{wrapped} || goto failed\n")),
+            "{s}"
+        );
+        let r = common::get(addr, "GET", &wrapped, &[("Range", "bytes=0-9")]);
+        assert_eq!(r.status, 200, "no Range on the wrapped copy");
+        assert_eq!(r.header("accept-ranges"), Some("none"));
+        let mut want = tether_boot::initrd::entry_header("/rootfs.img", rootfs.len() as u64).unwrap();
+        want.extend_from_slice(&rootfs);
+        want.extend(tether_boot::initrd::entry_trailer(rootfs.len() as u64));
+        assert_eq!(r.body, want);
+        assert_eq!(r.header("content-length"), Some(want.len().to_string().as_str()));
+        // What the kernel will unpack, as cpio itself reads it.
+        let listing = cpio_listing(&r.body);
+        assert!(
+            listing.starts_with("-r--------") && listing.contains(" 10001 ") && listing.trim_end().ends_with(" rootfs.img"),
+            "{listing}"
+        );
+        let r = common::get(addr, "HEAD", &wrapped, &[]);
+        assert_eq!((r.status, r.body.len()), (200, 0));
+        assert_eq!(r.header("content-length"), Some(want.len().to_string().as_str()));
+        for (path, status) in [
+            (format!("/artifacts/sha256/{rsha}/cpio/../etc/passwd"), 400),
+            (format!("/artifacts/sha256/{rsha}/cpio/a%20b"), 400),
+            (format!("/artifacts/sha256/{rsha}/cpio/"), 400),
+            (format!("/artifacts/sha256/{rsha}/tar/rootfs.img"), 404),
+            (format!("/artifacts/sha256/{}/cpio/rootfs.img", "0".repeat(64)), 404),
+        ] {
+            assert_eq!(common::get(addr, "GET", &path, &[]).status, status, "{path}");
+        }
+        // A MAC that never DHCP'd here and that the file does not list: nothing for it.
+        let r = common::get(addr, "GET", "/boot/52-54-00-00-00-09.ipxe", &[]);
+        assert_eq!(r.status, 404);
+        assert!(r.text().contains("has not DHCP'd on this segment recently"), "{}", r.text());
+        assert_eq!(
+            common::get(addr, "GET", "/boot/52-54-00-00-00-09/beacon", &[]).status,
+            200
+        );
+        assert!(
             s.contains(&format!(
                 "imgfetch --name beacon http://{addr}/boot/52-54-00-00-00-01/beacon"
             )),
@@ -263,6 +340,10 @@ async fn http_scripts_and_artifacts() {
             "{m}"
         );
         assert!(
+            m.contains("tether_pxe_boots_total{mac=\"other\"} 1"),
+            "a MAC not seen on the segment gets no series of its own: {m}"
+        );
+        assert!(
             m.contains("tether_pxe_http_requests_total{route=\"artifact\",status=\"206\"}"),
             "{m}"
         );
@@ -273,4 +354,33 @@ async fn http_scripts_and_artifacts() {
     assert!(bytes_sent >= 2 * kernel.len() as u64, "{bytes_sent}");
     let _ = stop.send(true);
     let _ = stop0.send(true);
+}
+
+/// The HTTP listener queues a whole fleet's burst of connections (a 500-machine boot storm
+/// overflowed the standard 128 and got connections reset): `ss` reports its backlog.
+#[tokio::test]
+async fn http_listener_backlog_takes_a_boot_storm() {
+    let l = tether_pxe::http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // State Recv-Q Send-Q Local Peer: for a listener Send-Q is the backlog.
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("ss output: {text:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        backlog,
+        tether_pxe::http::HTTP_BACKLOG.min(somaxconn),
+        "{text}"
+    );
 }

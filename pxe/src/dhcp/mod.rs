@@ -24,7 +24,20 @@ use dhcproto::{Decodable, Decoder, Encodable};
 
 use crate::error::{Error, Result};
 use crate::script::OUR_USER_CLASS;
+use leases::Leases;
 use tether_boot::Mac;
+
+/// Longest boot file name written into the BOOTP `file` field (128 bytes, NUL included);
+/// a longer one travels in option 67 alone.
+pub const MAX_FILE_FIELD: usize = 127;
+/// Longest server name written into the BOOTP `sname` field (64 bytes, NUL included).
+pub const MAX_SNAME_FIELD: usize = 63;
+/// Longest value of one DHCP option. Options are never split (RFC 3396): not every PXE
+/// client joins the pieces.
+pub const MAX_OPTION: usize = 255;
+/// Longest DHCP message every client must accept: a 576-byte IP datagram less the IP and
+/// UDP headers (RFC 2131 §2: 312 bytes of options after the 236-byte header).
+pub const MAX_MESSAGE: usize = 548;
 
 /// iPXE's "encapsulated options" option; its presence means the client is iPXE.
 const OPT_IPXE_ENCAP: u8 = 175;
@@ -376,9 +389,8 @@ pub fn reply(
             opts.insert(DhcpOption::ClassIdentifier(class.to_vec()));
         }
         opts.insert(DhcpOption::BootfileName(file.as_bytes().to_vec()));
-        opts.insert(DhcpOption::TFTPServerName(
-            server.ip.to_string().into_bytes(),
-        ));
+        let sname = server.ip.to_string();
+        opts.insert(DhcpOption::TFTPServerName(sname.clone().into_bytes()));
         if matches!(client, Client::Bios | Client::Efi64) {
             opts.insert(DhcpOption::VendorExtensions(vec![
                 PXE_DISCOVERY_CONTROL,
@@ -392,7 +404,14 @@ pub fn reply(
         {
             opts.insert(DhcpOption::ClientMachineIdentifier(g.clone()));
         }
-        msg.set_fname_str(file);
+        // The fixed fields only when the value fits (with its NUL); option 67 and 66 carry
+        // it either way, and a client reads the options first.
+        if file.len() <= MAX_FILE_FIELD {
+            msg.set_fname_str(file);
+        }
+        if sname.len() <= MAX_SNAME_FIELD {
+            msg.set_sname_str(sname);
+        }
     }
     Some(msg)
 }
@@ -421,20 +440,170 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>> {
     msg.to_vec().map_err(|e| Error::DhcpEncode(e.to_string()))
 }
 
-/// The whole proxy-mode pipeline on raw bytes: decode, decide, build and encode the reply.
-/// This is what the fuzz target drives.
-pub fn handle_proxy(
+/// Where a reply goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// The relay agent that forwarded the request (`giaddr`, port 67).
+    Relay(Ipv4Addr),
+    /// Back to the sender (proxyDHCP on 4011: the client has an address).
+    Peer,
+    /// Broadcast on the segment (the client has no address yet).
+    Broadcast,
+}
+
+/// What [`handle`] made of one datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    /// The DHCP message type of the request.
+    pub kind: Option<MessageType>,
+    /// The decision.
+    pub decision: Decision,
+    /// The client's MAC (Ethernet clients only).
+    pub mac: Option<Mac>,
+    /// The encoded reply, if one is due, and where it goes.
+    pub reply: Option<(Vec<u8>, Dest)>,
+    /// A lease was confirmed: the book must be saved.
+    pub leases_changed: bool,
+}
+
+/// The whole DHCP pipeline on raw bytes, as the server runs it and the fuzz target drives
+/// it: decode, decide, lease (full-DHCP mode: `leases` set, on port 67 only), build and
+/// encode the reply. `now` is Unix seconds. Pure apart from the lease book in memory.
+pub fn handle(
     bytes: &[u8],
     port: Port,
     server: &BootServer,
-) -> Result<(Decision, Option<Vec<u8>>)> {
+    leases: Option<&mut Leases>,
+    now: u64,
+) -> Result<Handled> {
     let req = parse(bytes)?;
     let decision = decide(&req, server);
-    let out = match reply(&req, &decision, port, server, None) {
-        Some(m) => Some(encode(&m)?),
+    let kind = message_type(&req);
+    let mac = Mac::from_chaddr(req.chaddr()).filter(|_| req.hlen() == 6);
+    let mut leases_changed = false;
+    let msg = match (leases, mac) {
+        (Some(book), Some(mac))
+            if port == Port::Dhcp
+                && !matches!(
+                    decision,
+                    Decision::Ignore(Ignore::NotARequest | Ignore::NotEthernet)
+                ) =>
+        {
+            full_dhcp(book, &req, &decision, server, mac, now, &mut leases_changed)
+        }
+        _ => reply(&req, &decision, port, server, None),
+    };
+    let reply = match msg {
+        Some(m) => {
+            let dest = if !req.giaddr().is_unspecified() {
+                Dest::Relay(req.giaddr())
+            } else if port == Port::ProxyDhcp {
+                Dest::Peer
+            } else {
+                Dest::Broadcast
+            };
+            Some((encode(&m)?, dest))
+        }
         None => None,
     };
-    Ok((decision, out))
+    Ok(Handled {
+        kind,
+        decision,
+        mac,
+        reply,
+        leases_changed,
+    })
+}
+
+fn full_dhcp(
+    book: &mut Leases,
+    req: &Message,
+    decision: &Decision,
+    server: &BootServer,
+    mac: Mac,
+    now: u64,
+    changed: &mut bool,
+) -> Option<Message> {
+    let requested = match req.opts().get(OptionCode::RequestedIpAddress) {
+        Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+        _ => None,
+    };
+    match message_type(req)? {
+        // Offers are held in memory only; an ACK is what must survive a restart.
+        MessageType::Discover => book
+            .offer(mac, requested, now)
+            .ok()
+            .and_then(|lease| reply(req, decision, Port::Dhcp, server, Some(&lease))),
+        MessageType::Request => {
+            if let Some(DhcpOption::ServerIdentifier(id)) =
+                req.opts().get(OptionCode::ServerIdentifier)
+                && *id != server.ip
+            {
+                return None; // The client chose another server.
+            }
+            let ip = requested.or((!req.ciaddr().is_unspecified()).then(|| req.ciaddr()))?;
+            match book.ack(mac, ip, now) {
+                Some(lease) => {
+                    *changed = true;
+                    reply(req, decision, Port::Dhcp, server, Some(&lease))
+                }
+                None => Some(nak(req, server)),
+            }
+        }
+        // INFORM: the client has an address already; it only wants options.
+        MessageType::Inform => reply(req, decision, Port::ProxyDhcp, server, None),
+        _ => None,
+    }
+}
+
+/// Checks at start-up that every reply this server can send fits: the longest boot file
+/// name (a script URL) in one option, and the largest reply in the [`MAX_MESSAGE`] bytes
+/// every client accepts. `full` is full-DHCP mode (replies carry a lease too).
+pub fn check_sizes(server: &BootServer, full: bool) -> Result<()> {
+    let bad = |detail: String| Error::Config {
+        path: "flags".into(),
+        detail,
+    };
+    let mac = Mac([0xff; 6]);
+    let longest = format!("{}/boot/{}.ipxe", server.http_base, mac.dashed());
+    if longest.len() > MAX_OPTION {
+        return Err(bad(format!(
+            "boot file names like {longest:?} are {} bytes; DHCP option 67 holds at most {MAX_OPTION}: shorten --http-base-url",
+            longest.len()
+        )));
+    }
+    let lease = Lease {
+        ip: Ipv4Addr::new(255, 255, 255, 254),
+        netmask: Ipv4Addr::new(255, 255, 255, 255),
+        router: Some(Ipv4Addr::new(255, 255, 255, 254)),
+        secs: u32::MAX,
+    };
+    let mut worst = 0;
+    for (class, uc, arch) in [
+        (&b"PXEClient"[..], Some(&b"iPXE"[..]), Some(0)),
+        (b"HTTPClient", None, Some(16)),
+        (b"PXEClient", None, Some(7)),
+    ] {
+        for kind in [MessageType::Discover, MessageType::Request] {
+            let req = client_request(mac, kind, Some(class), arch, uc);
+            let d = decide(&req, server);
+            for (port, l) in [
+                (Port::Dhcp, full.then_some(&lease)),
+                (Port::ProxyDhcp, None),
+            ] {
+                if let Some(m) = reply(&req, &d, port, server, l) {
+                    worst = worst.max(encode(&m)?.len());
+                }
+            }
+        }
+    }
+    if worst > MAX_MESSAGE {
+        return Err(bad(format!(
+            "with --http-base-url {:?} a DHCP reply takes {worst} bytes, more than the {MAX_MESSAGE} every client must accept: shorten it",
+            server.http_base
+        )));
+    }
+    Ok(())
 }
 
 /// Builds a request the way firmware does; for tests, benchmarks and the fuzz corpus.
@@ -657,7 +826,7 @@ mod tests {
             None,
         ))
         .unwrap();
-        assert!(handle_proxy(&good, Port::Dhcp, &server()).is_ok());
+        assert!(handle(&good, Port::Dhcp, &server(), None, 0).is_ok());
         let mut bad_len = good.clone();
         // First option after the cookie is 53 (type); claim it is longer than the packet.
         bad_len[241] = 250;
@@ -692,11 +861,11 @@ mod tests {
             }),
         ];
         for (name, bytes) in cases {
-            let r = handle_proxy(&bytes, Port::Dhcp, &server());
+            let r = handle(&bytes, Port::Dhcp, &server(), None, 0);
             assert!(
                 matches!(r, Err(Error::DhcpDecode(_))),
                 "{name}: {:?}",
-                r.map(|(d, _)| d)
+                r.map(|h| h.decision)
             );
         }
     }
@@ -781,5 +950,152 @@ mod tests {
             offer.opts().get(OptionCode::Unknown(OPT_IPXE_ENCAP)),
             Some(DhcpOption::Unknown(u)) if u.data() == [176, 1, 1]
         ));
+    }
+
+    fn server_with_base(len: usize) -> BootServer {
+        let head = "http://10.0.0.1:8080/";
+        BootServer {
+            ip: Ipv4Addr::new(10, 0, 0, 1),
+            http_base: format!("{head}{}", "a".repeat(len - head.len())),
+        }
+    }
+
+    #[test]
+    fn long_boot_file_names_go_in_option_67_only() {
+        for (base_len, in_field) in [(40, true), (99, true), (100, false), (200, false)] {
+            let s = server_with_base(base_len);
+            let req = client_request(
+                MAC,
+                MessageType::Request,
+                Some(b"PXEClient"),
+                Some(0),
+                Some(b"iPXE"),
+            );
+            let h = handle(&encode(&req).unwrap(), Port::ProxyDhcp, &s, None, 0).unwrap();
+            let (bytes, dest) = h.reply.unwrap();
+            assert_eq!(dest, Dest::Peer);
+            let m = parse(&bytes).unwrap();
+            let url = format!("{}/boot/52-54-00-aa-bb-cc.ipxe", s.http_base);
+            assert!(
+                matches!(
+                    m.opts().get(OptionCode::BootfileName),
+                    Some(DhcpOption::BootfileName(f)) if f == url.as_bytes()
+                ),
+                "{base_len}"
+            );
+            let field = m
+                .fname_str()
+                .and_then(|r| r.ok())
+                .unwrap_or_default()
+                .trim_end_matches('\0');
+            assert_eq!(field == url, in_field, "{base_len}: file field {field:?}");
+            assert_eq!(
+                m.sname_str().unwrap().unwrap().trim_end_matches('\0'),
+                "10.0.0.1"
+            );
+        }
+    }
+
+    #[test]
+    fn reply_sizes_are_checked_at_start_up() {
+        assert!(check_sizes(&server(), true).is_ok());
+        // Proxy replies are bounded by option 67 alone; full replies carry a lease too.
+        assert!(check_sizes(&server_with_base(200), true).is_ok());
+        assert!(check_sizes(&server_with_base(220), false).is_ok());
+        let err = check_sizes(&server_with_base(220), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than the 548"), "{err}");
+        let err = check_sizes(&server_with_base(240), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("option 67 holds at most 255"), "{err}");
+        // What passes the check encodes within the limit, for every client kind.
+        let s = server_with_base(200);
+        for arch in [0u16, 7, 9, 16] {
+            for uc in [None, Some(&b"iPXE"[..]), Some(b"tether")] {
+                let req = client_request(
+                    MAC,
+                    MessageType::Request,
+                    Some(b"PXEClient"),
+                    Some(arch),
+                    uc,
+                );
+                let h = handle(&encode(&req).unwrap(), Port::ProxyDhcp, &s, None, 0).unwrap();
+                if let Some((b, _)) = h.reply {
+                    assert!(b.len() <= MAX_MESSAGE, "{arch} {uc:?}: {}", b.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn full_dhcp_through_handle() {
+        let s = server();
+        let mut book = Leases::new(leases::Pool {
+            start: Ipv4Addr::new(10, 0, 0, 10),
+            end: Ipv4Addr::new(10, 0, 0, 10),
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            router: None,
+            lease_secs: 600,
+        })
+        .unwrap();
+        let disc = client_request(
+            MAC,
+            MessageType::Discover,
+            Some(b"PXEClient"),
+            Some(0),
+            None,
+        );
+        let h = handle(
+            &encode(&disc).unwrap(),
+            Port::Dhcp,
+            &s,
+            Some(&mut book),
+            100,
+        )
+        .unwrap();
+        assert!(!h.leases_changed, "an offer is not saved");
+        let (b, dest) = h.reply.unwrap();
+        assert_eq!(dest, Dest::Broadcast);
+        let offer = parse(&b).unwrap();
+        assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 0, 0, 10));
+        let mut req = client_request(MAC, MessageType::Request, Some(b"PXEClient"), Some(0), None);
+        req.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        req.opts_mut().insert(DhcpOption::ServerIdentifier(s.ip));
+        let h = handle(&encode(&req).unwrap(), Port::Dhcp, &s, Some(&mut book), 101).unwrap();
+        assert!(h.leases_changed);
+        let ack = parse(&h.reply.unwrap().0).unwrap();
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.yiaddr(), offer.yiaddr());
+        // Another MAC asking for the same address is refused; the pool is exhausted for it.
+        let other = Mac([2, 0, 0, 0, 0, 9]);
+        let mut req = client_request(other, MessageType::Request, None, None, None);
+        req.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        let h = handle(&encode(&req).unwrap(), Port::Dhcp, &s, Some(&mut book), 102).unwrap();
+        let nak = parse(&h.reply.unwrap().0).unwrap();
+        assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+        let disc = client_request(other, MessageType::Discover, None, None, None);
+        let h = handle(
+            &encode(&disc).unwrap(),
+            Port::Dhcp,
+            &s,
+            Some(&mut book),
+            103,
+        )
+        .unwrap();
+        assert!(h.reply.is_none(), "no address to offer");
+        // On 4011 the book is never consulted.
+        let h = handle(
+            &encode(&disc).unwrap(),
+            Port::ProxyDhcp,
+            &s,
+            Some(&mut book),
+            104,
+        )
+        .unwrap();
+        assert!(h.reply.is_none());
     }
 }

@@ -16,9 +16,11 @@
 //! image = "discovery"
 //! ```
 //!
-//! Unknown MACs get the default image and are recorded in memory, in the log and in the
-//! `boots` metric: without a cluster there is nowhere durable to put them, and the TOML file
-//! is the operator's, never rewritten by us.
+//! Unknown MACs that DHCP'd on our segment get the default image and are recorded in memory
+//! (at most [`MAX_DISCOVERED`]) and in the log: without a cluster there is nowhere durable
+//! to put them, and the TOML file is the operator's, never rewritten by us. Unknown MACs
+//! that did not are refused ([`Error::NotSeen`]). Every machine gets the same enrollment
+//! values (`--api-url`, `--ca-pin`, `--token-file`): the token is a site-wide secret.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,7 +34,11 @@ use tether_api::{Artifact, BootImageSpec};
 use super::{Assignment, BootSource};
 use crate::artifacts::Store;
 use crate::error::{Error, Result};
+use crate::script::Enrollment;
 use tether_boot::Mac;
+
+/// Unknown MACs remembered; past it they are still served, just not listed.
+pub const MAX_DISCOVERED: usize = 4096;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,18 +74,25 @@ pub struct ConfigSource {
     images: BTreeMap<String, BootImageSpec>,
     machines: BTreeMap<Mac, (String, String)>,
     discovered: Mutex<BTreeSet<Mac>>,
+    enroll: Enrollment,
 }
 
 impl ConfigSource {
     /// Parses `path`, hashing every image file into `store`. Every reference is checked:
     /// a missing file, an unknown image or a bad MAC is a start-up error.
-    pub fn load(path: &Path, store: &mut Store) -> Result<ConfigSource> {
+    /// `enroll` goes on every machine's command line.
+    pub fn load(path: &Path, store: &mut Store, enroll: Enrollment) -> Result<ConfigSource> {
         let text = std::fs::read_to_string(path).map_err(Error::io("read", path.display()))?;
-        Self::parse(&text, path, store)
+        Self::parse(&text, path, store, enroll)
     }
 
     /// Parses TOML text (`path` is for messages and relative file paths).
-    pub fn parse(text: &str, path: &Path, store: &mut Store) -> Result<ConfigSource> {
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        store: &mut Store,
+        enroll: Enrollment,
+    ) -> Result<ConfigSource> {
         let bad = |detail: String| Error::Config {
             path: path.to_path_buf(),
             detail,
@@ -135,10 +148,7 @@ impl ConfigSource {
             if !images.contains_key(&image) {
                 return Err(bad(format!("machine {mac}: unknown image {image:?}")));
             }
-            let name = m
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("mac-{}", parsed.compact()));
+            let name = m.name.clone().unwrap_or_else(|| parsed.machine_name());
             machines.insert(parsed, (name, image));
         }
         Ok(ConfigSource {
@@ -146,6 +156,7 @@ impl ConfigSource {
             images,
             machines,
             discovered: Mutex::new(BTreeSet::new()),
+            enroll,
         })
     }
 
@@ -161,30 +172,36 @@ impl ConfigSource {
 }
 
 impl BootSource for ConfigSource {
-    fn assignment(&self, mac: Mac) -> BoxFuture<'_, Result<Assignment>> {
+    fn assignment(&self, mac: Mac, seen: bool) -> BoxFuture<'_, Result<Assignment>> {
         let result = match self.machines.get(&mac) {
-            Some((name, image)) => Assignment {
+            Some((name, image)) => Ok(Assignment {
                 machine: name.clone(),
                 discovered: false,
                 image: self.images[image].clone(),
-            },
+                enroll: self.enroll.clone(),
+                minted: false,
+            }),
+            None if !seen => Err(Error::NotSeen {
+                mac: mac.to_string(),
+            }),
             None => {
-                let first = self
-                    .discovered
-                    .lock()
-                    .expect("discovered set poisoned")
-                    .insert(mac);
+                let first = {
+                    let mut d = self.discovered.lock().expect("discovered set poisoned");
+                    d.len() < MAX_DISCOVERED && d.insert(mac)
+                };
                 if first {
                     tracing::info!(%mac, "discovered unknown machine; serving the default image");
                 }
-                Assignment {
-                    machine: format!("mac-{}", mac.compact()),
+                Ok(Assignment {
+                    machine: mac.machine_name(),
                     discovered: first,
                     image: self.images[&self.default_image].clone(),
-                }
+                    enroll: self.enroll.clone(),
+                    minted: false,
+                })
             }
         };
-        async move { Ok(result) }.boxed()
+        async move { result }.boxed()
     }
 }
 
@@ -212,23 +229,40 @@ mod tests {
             image = "prod"
         "#;
         let mut store = Store::default();
-        let src = ConfigSource::parse(toml, &dir.path().join("pxe.toml"), &mut store).unwrap();
+        let src = ConfigSource::parse(
+            toml,
+            &dir.path().join("pxe.toml"),
+            &mut store,
+            Enrollment::default(),
+        )
+        .unwrap();
         assert_eq!(store.len(), 2);
         let known: Mac = "52:54:00:00:00:01".parse().unwrap();
         let unknown: Mac = "52:54:00:00:00:02".parse().unwrap();
-        let a = futures::executor::block_on(src.assignment(known)).unwrap();
+        let get = |mac, seen| futures::executor::block_on(src.assignment(mac, seen));
+        let a = get(known, false).unwrap();
         assert_eq!(
             (a.machine.as_str(), a.image.version.as_str(), a.discovered),
-            ("n1", "2", false)
+            ("n1", "2", false),
+            "known machines are served whether seen or not"
         );
-        let a = futures::executor::block_on(src.assignment(unknown)).unwrap();
+        let err = get(unknown, false).unwrap_err();
+        assert!(matches!(err, Error::NotSeen { .. }), "{err}");
+        assert!(src.discovered().is_empty(), "nothing recorded for it");
+        let a = get(unknown, true).unwrap();
         assert_eq!(
             (a.machine.as_str(), a.image.version.as_str(), a.discovered),
             ("mac-525400000002", "1", true)
         );
-        let a = futures::executor::block_on(src.assignment(unknown)).unwrap();
+        let a = get(unknown, true).unwrap();
         assert!(!a.discovered, "recorded once");
         assert_eq!(src.discovered(), vec![unknown]);
+        // The discovered set is bounded.
+        for i in 0..(MAX_DISCOVERED as u32 + 10) {
+            let m = Mac([2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            assert!(get(m, true).is_ok());
+        }
+        assert_eq!(src.discovered().len(), MAX_DISCOVERED);
     }
 
     #[test]
@@ -259,7 +293,8 @@ mod tests {
                 "default_image = \"y\"\n[images.y]\nversion=\"1\"\nkernel=\"k\"\n[machines.\"52:54:00:00:00:01\"]\nimage=\"q\"\n",
             ),
         ] {
-            let err = ConfigSource::parse(toml, &p, &mut Store::default()).expect_err(name);
+            let err = ConfigSource::parse(toml, &p, &mut Store::default(), Enrollment::default())
+                .expect_err(name);
             assert!(matches!(err, Error::Config { .. }), "{name}: {err}");
         }
     }

@@ -1,50 +1,139 @@
-//! The cluster [`BootSource`]: `Machine` and `BootImage` objects in one namespace of the
-//! management cluster.
+//! The cluster [`BootSource`]: the management cluster's cluster-scoped `Machine` and
+//! `BootImage` objects, plus the machine API's publication and boot tokens in the operator's
+//! namespace.
 //!
 //! A MAC is looked up through the label `tether.dev/mac=<aa-bb-cc-dd-ee-ff>` (labels are
-//! indexed by the apiserver; `spec.macs` is not). An unknown MAC becomes a `Machine` named
-//! `mac-<12 hex>` — a name derived from the MAC, so two PXE servers racing on one segment
-//! both try to create the same object and exactly one wins (the loser's `AlreadyExists` is
-//! success) — with status phase `Discovered`.
+//! indexed by the apiserver; `spec.macs` is not). An unknown MAC that DHCP'd on our segment
+//! becomes a `Machine` named `mac-<12 hex>` — a name derived from the MAC, so two PXE servers
+//! racing on one segment both try to create the same object and exactly one wins (the
+//! loser's `AlreadyExists` is success) — with status phase `Discovered`.
+//!
+//! Every script rendered for a MAC seen on the segment carries a fresh boot token: single
+//! use, bound to that MAC, [`BOOT_TOKEN_TTL`] long, its record a Secret in the operator's
+//! namespace labelled with this server's id, written before the script is served. The URL
+//! and CA pin of the machine API come from the ConfigMap `tether-system/tether-machine-api`
+//! (flags may override either); without it no token is minted and no script served.
+//! Expired tokens of this server are deleted every [`GC_PERIOD`].
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
+use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL};
+use tether_api::token::{KIND_LABEL, TokenKind, TokenRecord};
 use tether_api::{BootImage, Machine, MachinePhase, MachineSpec, MachineStatus};
+use tether_boot::{CaPin, Mac, Token};
+use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use super::{Assignment, BootSource};
 use crate::error::{Error, Result};
-use tether_boot::Mac;
+use crate::script::Enrollment;
 
 /// Label carrying a machine's (boot) MAC.
 pub const MAC_LABEL: &str = "tether.dev/mac";
+/// Label on the boot tokens a server minted: its id (by default its address on the segment).
+pub const SERVER_LABEL: &str = "tether.dev/pxe-server";
+/// How long a boot token works: a TCG VM needs minutes from script to enrollment; a real
+/// server a few.
+pub const BOOT_TOKEN_TTL: time::Duration = time::Duration::minutes(15);
+/// How often expired boot tokens are deleted.
+pub const GC_PERIOD: Duration = Duration::from_secs(60);
+/// Secrets listed per page when collecting expired tokens.
+const GC_PAGE: u32 = 250;
+/// Pages per collection round; what is left waits for the next round.
+const GC_MAX_PAGES: usize = 20;
 /// Field manager for our writes.
 const MANAGER: &str = "tether-pxe";
+
+/// What the cluster source is told at start-up.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// The operator's namespace: the machine API ConfigMap and the boot tokens.
+    pub namespace: String,
+    /// The BootImage of machines that name none.
+    pub default_image: String,
+    /// Machine API URL, instead of the ConfigMap's `url`.
+    pub api_url: Option<String>,
+    /// Machine API CA pin, instead of the ConfigMap's `caPin`.
+    pub ca_pin: Option<CaPin>,
+    /// This server's id, the value of [`SERVER_LABEL`] on the tokens it mints.
+    pub server_id: String,
+}
 
 /// A [`BootSource`] backed by the management cluster.
 #[derive(Clone)]
 pub struct KubeSource {
     machines: Api<Machine>,
     images: Api<BootImage>,
-    default_image: String,
+    secrets: Api<Secret>,
+    config_maps: Api<ConfigMap>,
+    opts: Arc<KubeOptions>,
 }
 
 impl KubeSource {
-    /// Machines without `spec.image` boot `default_image`. `namespace` is the operator's
-    /// (where boot tokens are minted).
-    pub fn new(client: Client, namespace: &str, default_image: &str) -> KubeSource {
-        let _ = namespace;
-        KubeSource {
+    /// A source on `client`; the options' URL is checked here.
+    pub fn new(client: Client, opts: KubeOptions) -> Result<KubeSource> {
+        Enrollment::new(opts.api_url.clone(), None, None)?;
+        check_label_value(&opts.server_id)?;
+        Ok(KubeSource {
             machines: Api::all(client.clone()),
-            images: Api::all(client),
-            default_image: default_image.to_string(),
-        }
+            images: Api::all(client.clone()),
+            secrets: Api::namespaced(client.clone(), &opts.namespace),
+            config_maps: Api::namespaced(client, &opts.namespace),
+            opts: Arc::new(opts),
+        })
     }
 
-    /// Finds the machine with `mac`, creating it (phase `Discovered`) when there is none.
-    /// Returns it and whether this call created it.
-    pub async fn find_or_create(&self, mac: Mac) -> Result<(Machine, bool)> {
+    /// The machine API's URL and CA pin: the flags', else the ConfigMap's.
+    pub async fn machine_api(&self) -> Result<(String, CaPin)> {
+        if let (Some(u), Some(p)) = (&self.opts.api_url, self.opts.ca_pin) {
+            return Ok((u.clone(), p));
+        }
+        let ns = &self.opts.namespace;
+        let cm = self
+            .config_maps
+            .get_opt(CONFIG_MAP)
+            .await
+            .map_err(Error::kube(format!("get ConfigMap {ns}/{CONFIG_MAP}")))?
+            .ok_or_else(|| {
+                Error::Unpublished(format!(
+                    "ConfigMap {ns}/{CONFIG_MAP} not found (is tether-operator running? \
+                     --api-url and --ca-pin stand in for it)"
+                ))
+            })?;
+        let data = cm.data.unwrap_or_default();
+        let key = |k: &str| {
+            data.get(k).map(|v| v.trim().to_string()).ok_or_else(|| {
+                Error::Unpublished(format!("ConfigMap {ns}/{CONFIG_MAP} has no key {k}"))
+            })
+        };
+        let bad = |k: &str, e: tether_boot::Error| {
+            Error::Unpublished(format!("ConfigMap {ns}/{CONFIG_MAP} key {k}: {e}"))
+        };
+        let url = match &self.opts.api_url {
+            Some(u) => u.clone(),
+            None => {
+                let u = key(KEY_URL)?;
+                tether_boot::cmdline::check_url(tether_boot::cmdline::API, &u)
+                    .map_err(|e| bad(KEY_URL, e))?;
+                u
+            }
+        };
+        let pin = match self.opts.ca_pin {
+            Some(p) => p,
+            None => key(KEY_CA_PIN)?.parse().map_err(|e| bad(KEY_CA_PIN, e))?,
+        };
+        Ok((url, pin))
+    }
+
+    /// Finds the machine with `mac`; when there is none and `create` is set, creates it
+    /// (phase `Discovered`). Returns it and whether this call created it.
+    pub async fn find_or_create(&self, mac: Mac, create: bool) -> Result<(Machine, bool)> {
         let lp = ListParams::default().labels(&format!("{MAC_LABEL}={}", mac.dashed()));
         let list = self
             .machines
@@ -54,7 +143,12 @@ impl KubeSource {
         if let Some(m) = list.items.into_iter().min_by_key(|m| m.name_any()) {
             return Ok((m, false));
         }
-        let name = format!("mac-{}", mac.compact());
+        if !create {
+            return Err(Error::NotSeen {
+                mac: mac.to_string(),
+            });
+        }
+        let name = mac.machine_name();
         let machine = Machine {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -95,17 +189,111 @@ impl KubeSource {
         tracing::info!(%mac, machine = %name, "discovered unknown machine");
         Ok((m, true))
     }
+
+    /// The Secret that records `token`, minted for `mac` at `now`.
+    pub fn token_secret(&self, token: &Token, mac: Mac, now: OffsetDateTime) -> Secret {
+        let record = TokenRecord::boot(token, mac, now, BOOT_TOKEN_TTL);
+        let mut s = record.to_secret(&self.opts.namespace);
+        let labels = s.metadata.labels.get_or_insert_with(Default::default);
+        labels.insert(SERVER_LABEL.into(), self.opts.server_id.clone());
+        labels.insert(MAC_LABEL.into(), mac.dashed());
+        s
+    }
+
+    /// Deletes this server's boot tokens that expired before `now`; returns how many. Lists
+    /// in bounded pages; Secrets it cannot read are left alone (and logged).
+    pub async fn collect_expired(&self, now: OffsetDateTime) -> Result<usize> {
+        let selector = format!(
+            "{KIND_LABEL}={},{SERVER_LABEL}={}",
+            TokenKind::Boot.name(),
+            self.opts.server_id
+        );
+        let mut lp = ListParams::default().labels(&selector).limit(GC_PAGE);
+        let mut deleted = 0;
+        for _ in 0..GC_MAX_PAGES {
+            let page = self
+                .secrets
+                .list(&lp)
+                .await
+                .map_err(Error::kube("list boot tokens"))?;
+            for s in &page.items {
+                let name = s.name_any();
+                match TokenRecord::from_secret(s) {
+                    Ok(r) if r.expires <= now => {
+                        match self.secrets.delete(&name, &DeleteParams::default()).await {
+                            Ok(_) => deleted += 1,
+                            Err(kube::Error::Api(e)) if e.code == 404 => {}
+                            Err(e) => {
+                                return Err(Error::kube(format!("delete boot token {name}"))(e));
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(secret = %name, "unreadable boot token left alone: {e}")
+                    }
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => lp.continue_token = Some(c),
+                None => break,
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Collects expired tokens every `period` until `shutdown` flips. A failed round is
+    /// logged and retried next period: the apiserver being away is no reason to stop
+    /// booting machines.
+    pub async fn collect_expired_every(
+        self,
+        period: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            match self.collect_expired(OffsetDateTime::now_utc()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "expired boot tokens deleted"),
+                Err(e) => tracing::warn!("boot token clean-up: {e}"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+fn check_label_value(v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && v.as_bytes()[0].is_ascii_alphanumeric()
+        && v.as_bytes()[v.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config {
+            path: "flags".into(),
+            detail: format!(
+                "server id {v:?} is not a Kubernetes label value (1-63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends)"
+            ),
+        })
+    }
 }
 
 impl BootSource for KubeSource {
-    fn assignment(&self, mac: Mac) -> BoxFuture<'_, Result<Assignment>> {
+    fn assignment(&self, mac: Mac, seen: bool) -> BoxFuture<'_, Result<Assignment>> {
         async move {
-            let (machine, discovered) = self.find_or_create(mac).await?;
+            // First: without a published machine API nothing is created at all.
+            let (api_url, ca_pin) = self.machine_api().await?;
+            let (machine, discovered) = self.find_or_create(mac, seen).await?;
             let image_name = machine
                 .spec
                 .image
                 .clone()
-                .unwrap_or_else(|| self.default_image.clone());
+                .unwrap_or_else(|| self.opts.default_image.clone());
             let image = self
                 .images
                 .get_opt(&image_name)
@@ -118,11 +306,35 @@ impl BootSource for KubeSource {
                         machine.name_any()
                     ),
                 })?;
+            // A token only for a machine on our segment: minting writes a Secret.
+            let token = if seen { Some(Token::generate()?) } else { None };
             Ok(Assignment {
                 machine: machine.name_any(),
                 discovered,
                 image: image.spec,
+                enroll: Enrollment::new(Some(api_url), Some(ca_pin), token.clone())?,
+                minted: token.is_some(),
             })
+        }
+        .boxed()
+    }
+
+    fn commit<'a>(&'a self, mac: Mac, a: &'a Assignment) -> BoxFuture<'a, Result<()>> {
+        async move {
+            let Some(token) = a.enroll.token.as_ref().filter(|_| a.minted) else {
+                return Ok(());
+            };
+            let secret = self.token_secret(token, mac, OffsetDateTime::now_utc());
+            let pp = PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..Default::default()
+            };
+            self.secrets
+                .create(&pp, &secret)
+                .await
+                .map_err(Error::kube(format!("create boot token {}", token.id())))?;
+            tracing::info!(%mac, token = token.id(), machine = %a.machine, "boot token minted");
+            Ok(())
         }
         .boxed()
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tether_pxe::artifacts::Store;
 use tether_pxe::http::{self, App};
 use tether_pxe::metrics::Metrics;
+use tether_pxe::recent::RecentMacs;
 use tether_pxe::script::Enrollment;
 use tether_pxe::source::BootSource;
 use tether_pxe::tftp::Files;
@@ -70,30 +71,43 @@ pub fn get(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)])
     }
 }
 
-/// Starts the HTTP server on loopback; returns its address and the shutdown sender.
+/// The enrollment values a site passes with flags (TOML source).
+pub fn site_enrollment() -> Enrollment {
+    Enrollment::new(
+        Some("https://10.0.0.1:6443".into()),
+        Some(format!("sha256:{}", "ab".repeat(32)).parse().unwrap()),
+        Some("abcdef.0123456789abcdef".parse().unwrap()),
+    )
+    .unwrap()
+}
+
+/// Starts the HTTP server on loopback; returns its address, the shutdown sender, the
+/// metrics and the recent-MAC set (which stands in for the DHCP side: mark MACs seen there).
 pub async fn start_http(
     source: Arc<dyn BootSource>,
     store: Store,
     files: Files,
     slots: usize,
-) -> (SocketAddr, watch::Sender<bool>, Arc<Metrics>) {
+) -> (
+    SocketAddr,
+    watch::Sender<bool>,
+    Arc<Metrics>,
+    Arc<RecentMacs>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::default());
+    let recent = Arc::new(RecentMacs::new(64, std::time::Duration::from_secs(600)));
     let app = Arc::new(App {
         source,
         store,
         files,
         http_base: format!("http://{addr}"),
-        enroll: Enrollment {
-            api_url: Some("https://10.0.0.1:6443".into()),
-            ca_pin: Some(format!("sha256:{}", "ab".repeat(32))),
-            token: Some("abcdef.0123456789abcdef".into()),
-        },
+        recent: recent.clone(),
         metrics: metrics.clone(),
         artifact_slots: Arc::new(Semaphore::new(slots)),
     });
     let (tx, rx) = watch::channel(false);
     tokio::spawn(http::serve(listener, app, rx));
-    (addr, tx, metrics)
+    (addr, tx, metrics, recent)
 }

@@ -1,20 +1,30 @@
-//! Real PXE boots through tether-pxe alone: a network namespace with a bridge and a tap,
-//! tether-pxe serving full DHCP + TFTP + HTTP on the bridge, and qemu (TCG) booting from the
-//! network — once with SeaBIOS and qemu's iPXE option ROM, once with OVMF (UEFI), whose own
-//! PXE client fetches `ipxe.efi` over TFTP. The machine boots Debian's kernel and a busybox
-//! initramfs made here that prints a marker (and the command line iPXE gave it) on serial
-//! and powers off.
+//! Real PXE boots of the real image through tether-pxe alone: a network namespace with a
+//! bridge and a tap, tether-pxe (full DHCP + TFTP + HTTP, the TOML source) on the bridge
+//! serving the image `tether-image` builds from `image-builder/examples/default.toml`, and
+//! qemu (TCG) booting from the network — once with SeaBIOS and qemu's iPXE option ROM, once
+//! with OVMF, whose own PXE client fetches `ipxe.efi` over TFTP — until the initramfs has
+//! verified the rootfs it received as the cpio entry `/rootfs.img` and systemd has started
+//! the agent.
+//!
+//! The two firmwares take the two rootfs paths of the boot script: under SeaBIOS iPXE wraps
+//! the raw rootfs in a cpio entry itself (`initrd URL /rootfs.img mode=0400`); under OVMF
+//! Debian's ipxe.efi cannot, so it loads tether-pxe's wrapped copy
+//! (`/artifacts/sha256/<hex>/cpio/rootfs.img`). The test checks which one each used.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use tether_boot::Token;
 use tether_testkit::NetNs;
+use tether_testkit::qemu::{self, Qemu};
+use tether_vm_tests::image::{image, workspace_binary};
 
-/// A TCG boot takes ~20 s with SeaBIOS; OVMF plus a TFTP stage is slower. Generous, bounded.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
-const MARKER: &str = "TETHER-PXE-BOOT-OK";
+/// Each stage of a TCG boot (firmware + iPXE + ~120 MB over HTTP + kernel; then systemd to
+/// the agent) is bounded by this.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(900);
+const SERVER: &str = "10.99.0.1";
+const API_URL: &str = "https://10.99.0.1:9443";
 
 /// Kills (and reaps) a child on drop.
 struct Guard(Child);
@@ -25,121 +35,45 @@ impl Drop for Guard {
     }
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Builds (if needed) and returns the tether-pxe binary of this target dir.
-fn tether_pxe_binary() -> PathBuf {
-    run(Command::new(env!("CARGO")).args([
-        "build",
-        "-q",
-        "-p",
-        "tether-pxe",
-        "--bin",
-        "tether-pxe",
-    ]));
-    let exe = std::env::current_exe().expect("test exe path");
-    // target/<profile>/deps/<test> → target/<profile>/tether-pxe
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile dir")
-        .join("tether-pxe");
-    assert!(bin.is_file(), "{} missing after cargo build", bin.display());
-    bin
-}
-
-/// Debian's kernel: the newest /boot/vmlinuz-*.
-fn debian_kernel() -> PathBuf {
-    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .expect("read /boot")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .collect();
-    kernels.sort();
-    kernels
-        .pop()
-        .expect("no /boot/vmlinuz-*: install linux-image-amd64 (cargo xtask deps does)")
-}
-
-/// A newc cpio with static busybox and an /init that prints the marker and /proc/cmdline on
-/// the first serial port, then powers off.
-fn busybox_initramfs(dir: &Path) -> PathBuf {
-    let root = dir.join("initramfs");
-    for d in ["bin", "dev", "proc", "sys"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("copy /bin/busybox (install busybox-static)");
-    let init = format!(
-        "#!/bin/busybox sh\n\
-         /bin/busybox mount -t devtmpfs dev /dev\n\
-         /bin/busybox mount -t proc proc /proc\n\
-         echo \"{MARKER} cmdline: $(/bin/busybox cat /proc/cmdline)\" > /dev/ttyS0\n\
-         /bin/busybox poweroff -f\n"
-    );
-    std::fs::write(root.join("init"), init).unwrap();
-    run(Command::new("chmod").args(["0755"]).arg(root.join("init")));
-    let out = dir.join("initramfs.cpio");
-    let cpio = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio -o -H newc --quiet > {}",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .expect("run cpio");
-    assert!(cpio.success(), "cpio failed");
-    out
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Firmware {
     SeaBios,
     Ovmf,
 }
 
-fn read_file(p: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(p) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
 }
 
 fn pxe_boot(fw: Firmware, mac: &str) {
+    let image = image();
+    let pxe = workspace_binary("tether-pxe", "tether-pxe");
     let dir = tether_testkit::test_dir("tether-pxe-boot-").expect("test dir");
     let d = dir.path();
-    let pxe = tether_pxe_binary();
-    let kernel = debian_kernel();
-    let initrd = busybox_initramfs(d);
     let config = d.join("pxe.toml");
     std::fs::write(
         &config,
         format!(
-            "default_image = \"marker\"\n\
-             [images.marker]\nversion = \"test-1\"\n\
-             cmdline = \"console=ttyS0 panic=-1\"\n\
-             kernel = \"{}\"\ninitrd = \"{}\"\n",
-            kernel.display(),
-            initrd.display()
+            "default_image = \"tether\"\n\
+             [images.tether]\nversion = \"{}\"\ncmdline = \"{}\"\n\
+             kernel = \"{}\"\ninitrd = \"{}\"\nrootfs = \"{}\"\n",
+            image.manifest.version,
+            image.manifest.cmdline,
+            image.dir.join("vmlinuz").display(),
+            image.dir.join("initramfs").display(),
+            image.dir.join("rootfs.squashfs").display(),
         ),
     )
     .unwrap();
+    // The site-wide join token of the TOML source, and the machine API it points at.
+    let token = Token::generate().unwrap();
+    let token_file = d.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let pin = format!("sha256:{}", "5a".repeat(32));
 
     let ns = NetNs::create().expect("netns");
-    ns.add_bridge("br0", Some("10.99.0.1/24")).expect("bridge");
+    ns.add_bridge("br0", Some(&format!("{SERVER}/24")))
+        .expect("bridge");
     ns.add_tap("tap0", Some("br0")).expect("tap");
 
     let pxe_log = d.join("tether-pxe.log");
@@ -151,103 +85,89 @@ fn pxe_boot(fw: Firmware, mac: &str) {
             .arg(d.join("leases.json"))
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info,tether_pxe::dhcp=debug")
+            .args(["--api-url", API_URL, "--ca-pin", &pin])
+            .arg("--token-file")
+            .arg(&token_file)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&pxe_log).unwrap())
             .spawn()
             .expect("start tether-pxe"),
     );
-    // Wait until it listens (the log line is written after every socket is bound).
+    // The log line is written once every socket is bound.
     let start = Instant::now();
-    while !read_file(&pxe_log).contains("tether-pxe serving") {
+    while !read(&pxe_log).contains("tether-pxe serving") {
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(30),
             "tether-pxe did not start:\n{}",
-            read_file(&pxe_log)
+            read(&pxe_log)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let serial = d.join("serial.log");
-    let mut qemu = ns.command("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-m", "768", "-smp", "1"])
-        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-        // OVMF must use its own PXE client (not qemu's iPXE EFI ROM) so that the firmware
-        // stage — arch 7, TFTP of ipxe.efi — is exercised.
-        .args([
-            "-device",
-            &match fw {
-                Firmware::SeaBios => format!("virtio-net-pci,netdev=n0,mac={mac}"),
-                Firmware::Ovmf => format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
-            },
-        ])
-        .args(["-boot", "n"]);
+    // OVMF must use its own PXE client (not qemu's iPXE EFI ROM) so that the firmware stage —
+    // arch 7, TFTP of ipxe.efi — is exercised.
+    let nic = match fw {
+        Firmware::SeaBios => format!("virtio-net-pci,netdev=n0,mac={mac}"),
+        Firmware::Ovmf => format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+    };
+    let mut vm = Qemu::new_in(&ns, &serial, 2048);
     if let Firmware::Ovmf = fw {
-        let vars = d.join("OVMF_VARS.fd");
-        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).expect("OVMF vars (install ovmf)");
-        qemu.args([
-            "-drive",
-            "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-        ])
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()));
+        vm = vm
+            .ovmf(&d.join("OVMF_VARS.fd"))
+            .expect("OVMF (install ovmf)");
     }
-    let qemu_log = d.join("qemu.log");
-    let mut vm = Guard(
-        qemu.stdout(Stdio::null())
-            .stderr(std::fs::File::create(&qemu_log).unwrap())
-            .spawn()
-            .expect("start qemu"),
+    let mut vm = vm
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .args(["-device", &nic, "-boot", "n"])
+        .spawn()
+        .expect("start qemu");
+    let fail = |e: tether_testkit::Error| -> ! {
+        panic!(
+            "{fw:?}: {e}\ntether-pxe:\n{}",
+            qemu::tail(&read(&pxe_log), 40)
+        )
+    };
+    let verified = vm
+        .wait_for(
+            "tether-initramfs: rootfs verified",
+            "REFUSING TO BOOT",
+            STAGE_TIMEOUT,
+        )
+        .unwrap_or_else(|e| fail(e));
+    let agent = vm
+        .wait_for("tether-agent started", "REFUSING TO BOOT", STAGE_TIMEOUT)
+        .unwrap_or_else(|e| fail(e));
+    eprintln!(
+        "{fw:?}: rootfs verified after {:.1}s, tether-agent started after {:.1}s (TCG)",
+        verified.as_secs_f64(),
+        agent.as_secs_f64()
     );
-
-    let start = Instant::now();
-    loop {
-        let out = read_file(&serial);
-        if out.contains(MARKER) {
-            break;
-        }
-        if let Ok(Some(status)) = vm.0.try_wait() {
-            panic!(
-                "{fw:?}: qemu exited ({status}) before the marker.\nserial:\n{out}\nqemu:\n{}\ntether-pxe:\n{}",
-                read_file(&qemu_log),
-                read_file(&pxe_log)
-            );
-        }
-        assert!(
-            start.elapsed() < BOOT_TIMEOUT,
-            "{fw:?}: no marker after {BOOT_TIMEOUT:?}.\nserial tail:\n{}\ntether-pxe:\n{}",
-            out.chars()
-                .rev()
-                .take(3000)
-                .collect::<String>()
-                .chars()
-                .rev()
-                .collect::<String>(),
-            read_file(&pxe_log)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    eprintln!("{fw:?}: booted to the marker in {:?}", start.elapsed());
-    let out = read_file(&serial);
-    let line = out.lines().find(|l| l.contains(MARKER)).unwrap();
+    let console = vm.console();
     assert!(
-        line.contains(&format!("tether.mac={mac}")),
-        "the kernel got our per-machine command line: {line}"
+        console.contains("Started tether-agent.service")
+            || console.contains("Started \u{1b}[0;1;39mtether-agent.service"),
+        "{fw:?}: systemd started the unit:\n{}",
+        qemu::tail(&console, 40)
     );
-    assert!(line.contains("initrd=initrd"), "{line}");
-    // The machine powers itself off.
-    let off = Instant::now();
-    while vm.0.try_wait().ok().flatten().is_none() {
-        assert!(
-            off.elapsed() < Duration::from_secs(60),
-            "{fw:?}: VM did not power off"
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    // The kernel got the image's words and ours, rendered through BootParams.
+    let line = console
+        .lines()
+        .find(|l| l.contains("Kernel command line:"))
+        .unwrap_or_else(|| panic!("{fw:?}: no command line on the console"));
+    for word in [
+        "initrd=initrd".to_string(),
+        "initrd=rootfs".to_string(),
+        "tether.root=file:/rootfs.img".to_string(),
+        format!("tether.mac={mac}"),
+        format!("tether.api={API_URL}"),
+        format!("tether.ca={pin}"),
+        format!("tether.token={token}"),
+    ] {
+        assert!(line.contains(&word), "{fw:?}: {word} missing from {line}");
     }
-    let log = read_file(&pxe_log);
+
+    let log = read(&pxe_log);
     assert!(log.contains("served boot script"), "{log}");
     assert!(log.contains("boot beacon"), "{log}");
     if let Firmware::Ovmf = fw {
@@ -257,14 +177,34 @@ fn pxe_boot(fw: Firmware, mac: &str) {
             "OVMF fetched ipxe.efi over TFTP:\n{log}"
         );
     }
+    // Which rootfs path the firmware's iPXE took: the wrapped copy only under UEFI.
+    let metrics = ns
+        .exec(
+            "/bin/busybox",
+            &["wget", "-q", "-O", "-", &format!("http://{SERVER}/metrics")],
+        )
+        .expect("read /metrics");
+    let wrapped = metrics
+        .lines()
+        .any(|l| l.contains("route=\"artifact_cpio\",status=\"200\""));
+    match fw {
+        Firmware::SeaBios => assert!(!wrapped, "BIOS iPXE wraps by itself:\n{metrics}"),
+        Firmware::Ovmf => assert!(wrapped, "UEFI iPXE loads our wrapped copy:\n{metrics}"),
+    }
+    assert!(
+        metrics.contains(&format!("tether_pxe_boots_total{{mac=\"{mac}\"}} 1")),
+        "{metrics}"
+    );
+    // Nothing else is left to prove; dropping the VM kills qemu.
+    drop(vm);
 }
 
 #[test]
-fn seabios_ipxe_rom_boots_through_tether_pxe() {
+fn seabios_pxe_boots_the_image_to_the_agent() {
     pxe_boot(Firmware::SeaBios, "52:54:00:7e:00:01");
 }
 
 #[test]
-fn ovmf_boots_ipxe_efi_over_tftp_through_tether_pxe() {
+fn ovmf_pxe_boots_the_image_to_the_agent() {
     pxe_boot(Firmware::Ovmf, "52:54:00:7e:00:02");
 }

@@ -9,12 +9,19 @@
 //! - HTTP: artifact throughput with 64 concurrent keep-alive clients, each fetching an 8 MiB
 //!   file 8 times, vs nginx (sendfile on, 2 workers) serving the same file.
 //!
-//! Every loop is bounded in count and time; all traffic stays inside the namespace.
+//! - Boot storm: 500 simulated machines power on at once — iPXE DISCOVER → proxy offer →
+//!   boot script with a fresh boot token (the cluster source against a real kube-apiserver
+//!   started inside the server namespace, so the tokens are real Secrets) → beacon → kernel
+//!   and initrd (Debian's, from /boot), each a real HTTP GET whose every byte is checked:
+//!   all answered, time to the last byte, 0 failures, one token and one Machine each.
+//!
+//! Every loop is bounded in count and time; all traffic stays inside the namespaces.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dhcproto::v4::MessageType;
@@ -481,5 +488,596 @@ pub fn run() -> Result<(), Error> {
         r_http / 1e6,
         ratio(t_http, r_http)
     );
+
+    let storm = boot_storm(&pxe, &d, &ns, &client_ns);
+    if storm.is_err() {
+        // Keep the logs of a failed storm.
+        let kept = tmp.keep();
+        eprintln!("logs kept in {}", kept.display());
+    }
+    storm
+}
+
+// ---------------------------------------------------------------------------------------
+// Boot storm: STORM_MACHINES simulated machines power on at once.
+
+/// Machines in the boot storm.
+const STORM_MACHINES: usize = 500;
+/// The whole storm must end within this.
+const STORM_LIMIT: Duration = Duration::from_secs(300);
+/// DISCOVER retransmissions per machine (iPXE backs off 1, 2, 4… s; we resend each second).
+const STORM_DISCOVER_TRIES: u32 = 8;
+/// 503 + Retry-After retries per download (iPXE honours Retry-After too).
+const STORM_HTTP_RETRIES: u32 = 20;
+
+/// What one simulated machine went through.
+#[derive(Debug, Default)]
+struct MachineRun {
+    /// When its last byte arrived, since the storm began.
+    done: Option<Duration>,
+    /// The boot token its script carried.
+    token: Option<String>,
+    /// 503 + Retry-After answers it waited out.
+    retries: u32,
+    /// Bytes of kernel + initrd received and checked.
+    bytes: u64,
+    /// Why it failed, if it did.
+    error: Option<String>,
+}
+
+/// What the storm left in the cluster: Machines, boot-token Secrets, each token's (id, MAC).
+type StormCounts = (usize, usize, Vec<(String, String)>);
+/// Checks a body chunk (offset, bytes) as it arrives.
+type ChunkCheck<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
+
+/// The cluster side of the storm, on a thread inside the server namespace (so that etcd,
+/// kube-apiserver and their loopback ports are the namespace's): start, set up, hand over
+/// the kubeconfig, then on request count what the storm created.
+struct StormCluster {
+    kubeconfig: PathBuf,
+    verify: std::sync::mpsc::Sender<()>,
+    counts: std::sync::mpsc::Receiver<Result<StormCounts, String>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+fn storm_cluster(
+    ns: &NetNs,
+    kernel: (String, u64),
+    initrd: (String, u64),
+) -> Result<StormCluster, Error> {
+    use std::sync::mpsc::channel;
+    let (ready_tx, ready_rx) = channel::<Result<PathBuf, String>>();
+    let (verify_tx, verify_rx) = channel::<()>();
+    let (counts_tx, counts_rx) = channel();
+    let path = ns.path();
+    let thread = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let cluster = match tether_testkit::TestCluster::start().await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            if let Err(e) = storm_setup(&cluster.client(), kernel, initrd).await {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            let _ = ready_tx.send(Ok(cluster.kubeconfig().to_path_buf()));
+            if verify_rx.recv().is_err() {
+                return;
+            }
+            let _ = counts_tx.send(storm_count(&cluster.client()).await);
+        });
+    });
+    let kubeconfig = ready_rx
+        .recv()
+        .map_err(|_| step("storm cluster", "its thread ended"))?
+        .map_err(|e| step("storm cluster", e))?;
+    Ok(StormCluster {
+        kubeconfig,
+        verify: verify_tx,
+        counts: counts_rx,
+        thread,
+    })
+}
+
+/// CRDs, the operator namespace, the machine API ConfigMap, the default BootImage.
+async fn storm_setup(
+    client: &kube::Client,
+    kernel: (String, u64),
+    initrd: (String, u64),
+) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    use kube::{CustomResourceExt, ResourceExt};
+    use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL, NAMESPACE};
+    use tether_api::{Artifact, BootImage, BootImageSpec, Machine};
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: kube::Error| format!("{what}: {err}")
+    };
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [Machine::crd(), BootImage::crd()] {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("tether-bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .map_err(e("apply CRD"))?;
+        let start = Instant::now();
+        loop {
+            let c = crds.get(&name).await.map_err(e("get CRD"))?;
+            let established = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            if established {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(format!("CRD {name} not Established after 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some(NAMESPACE.into());
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .map_err(e("create namespace"))?;
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some(CONFIG_MAP.into());
+    cm.data = Some(
+        [
+            (KEY_URL.to_string(), "https://10.97.0.1:9443".to_string()),
+            (
+                KEY_CA_PIN.to_string(),
+                format!("sha256:{}", "5a".repeat(32)),
+            ),
+        ]
+        .into(),
+    );
+    Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE)
+        .create(&PostParams::default(), &cm)
+        .await
+        .map_err(e("create ConfigMap"))?;
+    let art = |(sha256, size): (String, u64)| Artifact {
+        url: format!("http://images.invalid/{sha256}"),
+        sha256,
+        size,
+    };
+    let spec = BootImageSpec {
+        version: "storm-1".into(),
+        artifacts: [
+            ("kernel".to_string(), art(kernel)),
+            ("initrd".to_string(), art(initrd)),
+        ]
+        .into(),
+        cmdline: "console=ttyS0".into(),
+        manifest_signature: None,
+    };
+    Api::<BootImage>::all(client.clone())
+        .create(&PostParams::default(), &BootImage::new("default", spec))
+        .await
+        .map_err(e("create BootImage"))?;
+    Ok(())
+}
+
+/// Machines, boot-token Secrets, and each token's (id, bound MAC).
+async fn storm_count(client: &kube::Client) -> Result<StormCounts, String> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, ListParams};
+    use tether_api::Machine;
+    use tether_api::machine_api::NAMESPACE;
+    use tether_api::token::{KIND_LABEL, TokenRecord};
+    let machines = Api::<Machine>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("list Machines: {e}"))?
+        .items
+        .len();
+    let secrets = Api::<Secret>::namespaced(client.clone(), NAMESPACE)
+        .list(&ListParams::default().labels(&format!("{KIND_LABEL}=boot")))
+        .await
+        .map_err(|e| format!("list boot tokens: {e}"))?
+        .items;
+    let mut bound = Vec::new();
+    for s in &secrets {
+        let r = TokenRecord::from_secret(s)?;
+        bound.push((r.id, r.mac.map(|m| m.to_string()).unwrap_or_default()));
+    }
+    Ok((machines, secrets.len(), bound))
+}
+
+/// One GET on a fresh connection; returns the status, the Retry-After seconds, and the
+/// body, which `check` sees chunk by chunk (offset, bytes) instead when given.
+fn storm_get(
+    url: &str,
+    mut check: Option<ChunkCheck>,
+) -> Result<(u16, Option<u64>, Vec<u8>, u64), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: not http"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = TcpStream::connect(host).map_err(|e| format!("connect {host}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send {url}: {e}"))?;
+    let mut r = BufReader::with_capacity(256 * 1024, s);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line)
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{url}: bad status line {status_line:?}"))?;
+    let (mut len, mut retry) = (None, None);
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| format!("{url}: {e}"))?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            len = v.trim().parse::<u64>().ok();
+        } else if let Some(v) = lower.strip_prefix("retry-after:") {
+            retry = v.trim().parse::<u64>().ok();
+        }
+    }
+    let len = len.ok_or_else(|| format!("{url}: no content-length"))?;
+    let mut body = Vec::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    while got < len {
+        let want = (len - got).min(buf.len() as u64) as usize;
+        let n = r
+            .read(&mut buf[..want])
+            .map_err(|e| format!("{url}: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "{url}: connection closed after {got} of {len} bytes"
+            ));
+        }
+        match check.as_mut() {
+            Some(f) if status == 200 => f(got, &buf[..n])?,
+            _ => body.extend_from_slice(&buf[..n]),
+        }
+        got += n as u64;
+    }
+    Ok((status, retry, body, got))
+}
+
+/// GETs an artifact, waiting out 503 + Retry-After, and checks every byte against `want`.
+fn storm_download(url: &str, want: &[u8], retries: &mut u32) -> Result<u64, String> {
+    loop {
+        let mut check = |off: u64, chunk: &[u8]| -> Result<(), String> {
+            let off = off as usize;
+            if want.get(off..off + chunk.len()) == Some(chunk) {
+                Ok(())
+            } else {
+                Err(format!("{url}: bytes at {off} differ from the artifact"))
+            }
+        };
+        let (status, retry, body, got) = storm_get(url, Some(&mut check))?;
+        match (status, retry) {
+            (200, _) if got == want.len() as u64 => return Ok(got),
+            (200, _) => return Err(format!("{url}: {got} bytes, want {}", want.len())),
+            (503, Some(secs)) if *retries < STORM_HTTP_RETRIES => {
+                *retries += 1;
+                std::thread::sleep(Duration::from_secs(secs));
+            }
+            _ => {
+                return Err(format!(
+                    "{url}: status {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ));
+            }
+        }
+    }
+}
+
+/// One machine after its DHCP answer: script, beacon, kernel, initrd.
+fn storm_machine(script_url: &str, kernel: &[u8], initrd: &[u8], begun: Instant) -> MachineRun {
+    let mut run = MachineRun::default();
+    let result = (|| -> Result<(), String> {
+        let (status, _, body, _) = storm_get(script_url, None)?;
+        let script = String::from_utf8_lossy(&body).into_owned();
+        if status != 200 || !script.starts_with("#!ipxe\n") {
+            return Err(format!("script: status {status}: {script}"));
+        }
+        let word = |prefix: &str| {
+            script
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+                .ok_or_else(|| format!("no {prefix:?} in the script"))
+        };
+        run.token = script
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("tether.token="))
+            .map(str::to_string);
+        if run.token.is_none() {
+            return Err("the script carries no boot token".into());
+        }
+        let beacon = word("imgfetch --name beacon ")?;
+        storm_get(&beacon, None)?;
+        let k = word("kernel --name kernel ")?;
+        let i = word("initrd --name initrd ")?;
+        run.bytes += storm_download(&k, kernel, &mut run.retries)?;
+        run.bytes += storm_download(&i, initrd, &mut run.retries)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => run.done = Some(begun.elapsed()),
+        Err(e) => run.error = Some(e),
+    }
+    run
+}
+
+/// The storm from the client namespace: every machine broadcasts an iPXE DISCOVER at once;
+/// one socket collects the proxy offers (resending DISCOVERs for machines still waiting,
+/// each second) and hands each machine the script URL from its option 67.
+fn storm_clients(kernel: Arc<Vec<u8>>, initrd: Arc<Vec<u8>>) -> (Vec<MachineRun>, u32, Duration) {
+    use dhcproto::v4::{DhcpOption, OptionCode};
+    use std::sync::mpsc;
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_broadcast(true).unwrap();
+    s.bind_device(Some(b"vc0")).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], 68)).into())
+        .unwrap();
+    let sock: UdpSocket = s.into();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let dest: SocketAddr = "255.255.255.255:67".parse().unwrap();
+    let xid = |i: usize| 0x5707_0000u32 | i as u32;
+    let discover = |i: usize| {
+        let mac = Mac([0x52, 0x54, 0x01, 0x57, (i >> 8) as u8, i as u8]);
+        let mut m = dhcp::client_request(
+            mac,
+            MessageType::Discover,
+            Some(b"PXEClient:Arch:00000:UNDI:002001"),
+            Some(0),
+            Some(b"iPXE"),
+        );
+        m.set_xid(xid(i));
+        dhcp::encode(&m).unwrap()
+    };
+    let begun = Instant::now();
+    let mut senders = Vec::new();
+    let mut machines = Vec::new();
+    for _ in 0..STORM_MACHINES {
+        let (tx, rx) = mpsc::channel::<String>();
+        senders.push(Some(tx));
+        let (kernel, initrd) = (kernel.clone(), initrd.clone());
+        machines.push(std::thread::spawn(move || {
+            match rx.recv_timeout(STORM_LIMIT) {
+                Ok(url) => storm_machine(&url, &kernel, &initrd, begun),
+                Err(_) => MachineRun {
+                    error: Some("no DHCP offer".into()),
+                    ..MachineRun::default()
+                },
+            }
+        }));
+    }
+    let mut tries = vec![0u32; STORM_MACHINES];
+    let mut resent = 0u32;
+    let mut waiting = STORM_MACHINES;
+    let mut last_round = Instant::now() - Duration::from_secs(1);
+    let mut buf = [0u8; 1500];
+    while waiting > 0 && begun.elapsed() < STORM_LIMIT {
+        if last_round.elapsed() >= Duration::from_secs(1) {
+            last_round = Instant::now();
+            for i in 0..STORM_MACHINES {
+                if senders[i].is_some() && tries[i] < STORM_DISCOVER_TRIES {
+                    if tries[i] > 0 {
+                        resent += 1;
+                    }
+                    tries[i] += 1;
+                    let _ = sock.send_to(&discover(i), dest);
+                }
+            }
+            if (0..STORM_MACHINES).all(|i| senders[i].is_none() || tries[i] >= STORM_DISCOVER_TRIES)
+                && last_round.duration_since(begun)
+                    > Duration::from_secs(STORM_DISCOVER_TRIES as u64)
+            {
+                break;
+            }
+        }
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(m) = dhcp::parse(&buf[..n]) else {
+            continue;
+        };
+        let i = (m.xid() & 0xffff) as usize;
+        if m.xid() & 0xffff_0000 != 0x5707_0000 || i >= STORM_MACHINES {
+            continue;
+        }
+        if let Some(DhcpOption::BootfileName(f)) = m.opts().get(OptionCode::BootfileName)
+            && let Some(tx) = senders[i].take()
+        {
+            let _ = tx.send(String::from_utf8_lossy(f).into_owned());
+            waiting -= 1;
+        }
+    }
+    drop(senders);
+    let runs = machines
+        .into_iter()
+        .map(|t| {
+            t.join().unwrap_or_else(|_| MachineRun {
+                error: Some("machine thread panicked".into()),
+                ..MachineRun::default()
+            })
+        })
+        .collect();
+    (runs, resent, begun.elapsed())
+}
+
+/// Runs the boot storm: a real apiserver (cluster source, real boot-token Secrets),
+/// tether-pxe in proxy mode, STORM_MACHINES clients. Prints a Markdown table.
+fn boot_storm(pxe: &Path, d: &Path, ns: &NetNs, client_ns: &NetNs) -> Result<(), Error> {
+    let newest = |prefix: &str| -> Result<PathBuf, Error> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir("/boot")
+            .map_err(|e| step("read /boot", e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+            .collect();
+        v.sort();
+        v.pop().ok_or_else(|| {
+            step(
+                "boot storm",
+                format!("no /boot/{prefix}* (install linux-image-amd64)"),
+            )
+        })
+    };
+    let art_dir = d.join("storm-artifacts");
+    std::fs::create_dir_all(&art_dir).map_err(|e| step("mkdir", e))?;
+    let mut loaded = Vec::new();
+    for (name, src) in [
+        ("vmlinuz", newest("vmlinuz-")?),
+        ("initrd.img", newest("initrd.img-")?),
+    ] {
+        let dst = art_dir.join(name);
+        std::fs::copy(&src, &dst).map_err(|e| step(&format!("copy {}", src.display()), e))?;
+        let (sha, size) =
+            tether_pxe::artifacts::hash_file(&dst).map_err(|e| step("hash artifact", e))?;
+        let bytes = std::fs::read(&dst).map_err(|e| step("read artifact", e))?;
+        loaded.push(((sha, size), Arc::new(bytes)));
+    }
+    let ((k_ref, kernel), (i_ref, initrd)) = (loaded.remove(0), loaded.remove(0));
+    let cluster = storm_cluster(ns, k_ref, i_ref)?;
+    let mut cmd = ns.command(pxe);
+    cmd.args([
+        "serve",
+        "--interface",
+        "br0",
+        "--cluster",
+        "--log-level",
+        "info",
+        "--http-port",
+        "8082",
+        "--tftp-port",
+        "6969",
+    ])
+    .arg("--ipxe-dir")
+    .arg(d.join("tftp"))
+    .arg("--artifacts-dir")
+    .arg(&art_dir)
+    .env("KUBECONFIG", &cluster.kubeconfig);
+    let (runs, resent, wall) = {
+        let _srv = spawn(cmd, &d.join("tether-pxe-storm.log"))?;
+        wait_tcp(client_ns, 8082)?;
+        let (k, i) = (kernel.clone(), initrd.clone());
+        in_ns(client_ns, move || storm_clients(k, i))?
+    };
+    let _ = cluster.verify.send(());
+    let counts = cluster
+        .counts
+        .recv()
+        .map_err(|_| step("storm cluster", "no counts"))?
+        .map_err(|e| step("count what the storm created", e));
+    let _ = cluster.thread.join();
+    let (machines, secrets, bound) = counts?;
+
+    let ok: Vec<&MachineRun> = runs.iter().filter(|r| r.done.is_some()).collect();
+    let failed: Vec<&MachineRun> = runs.iter().filter(|r| r.error.is_some()).collect();
+    let mut times: Vec<Duration> = ok.iter().filter_map(|r| r.done).collect();
+    times.sort();
+    let last = times.last().copied().unwrap_or_default();
+    let p50 = times.get(times.len() / 2).copied().unwrap_or_default();
+    let bytes: u64 = runs.iter().map(|r| r.bytes).sum();
+    let retries: u32 = runs.iter().map(|r| r.retries).sum();
+    let tokens: std::collections::BTreeSet<&str> =
+        runs.iter().filter_map(|r| r.token.as_deref()).collect();
+    let ids: std::collections::BTreeMap<&str, &str> = bound
+        .iter()
+        .map(|(id, mac)| (id.as_str(), mac.as_str()))
+        .collect();
+    let recorded = tokens
+        .iter()
+        .filter(|t| t.split('.').next().is_some_and(|id| ids.contains_key(id)))
+        .count();
+    println!();
+    println!(
+        "Boot storm: {STORM_MACHINES} machines (iPXE DISCOVER → proxy offer → script with a fresh boot token → beacon → kernel {:.1} MB + initrd {:.1} MB), cluster source on a real kube-apiserver:",
+        kernel.len() as f64 / 1e6,
+        initrd.len() as f64 / 1e6
+    );
+    println!();
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!(
+        "| machines answered and fully booted | {} / {STORM_MACHINES} |",
+        ok.len()
+    );
+    println!("| failures | {} |", failed.len());
+    println!("| time to the last byte | {:.2} s |", last.as_secs_f64());
+    println!("| median machine done after | {:.2} s |", p50.as_secs_f64());
+    println!(
+        "| bytes checked | {:.2} GB ({:.2} GB/s over the storm) |",
+        bytes as f64 / 1e9,
+        bytes as f64 / 1e9 / last.as_secs_f64().max(1e-9)
+    );
+    println!("| DISCOVERs resent (no offer within 1 s) | {resent} |");
+    println!("| downloads that waited out 503 + Retry-After | {retries} |");
+    println!(
+        "| distinct boot tokens / recorded as Secrets / boot-token Secrets | {} / {recorded} / {secrets} |",
+        tokens.len()
+    );
+    println!("| Machines discovered | {machines} |");
+    println!(
+        "| wall time incl. thread start | {:.2} s |",
+        wall.as_secs_f64()
+    );
+    if let Some(f) = failed.first() {
+        eprintln!(
+            "first failure: {}",
+            f.error.as_deref().unwrap_or("(no detail)")
+        );
+    }
+    let all_bound = bound.iter().all(|(_, mac)| mac.starts_with("52:54:01:57:"));
+    if !failed.is_empty()
+        || ok.len() != STORM_MACHINES
+        || tokens.len() != STORM_MACHINES
+        || recorded != STORM_MACHINES
+        || machines != STORM_MACHINES
+        || !all_bound
+    {
+        return Err(step(
+            "boot storm",
+            format!(
+                "{} of {STORM_MACHINES} booted, {} failed, {} tokens ({recorded} recorded), {machines} Machines; log: {}",
+                ok.len(),
+                failed.len(),
+                tokens.len(),
+                d.join("tether-pxe-storm.log").display()
+            ),
+        ));
+    }
     Ok(())
 }
