@@ -173,12 +173,8 @@ impl Site {
         let pxe_url = format!("http://{host_ip}:{http_port}");
         let mut cmd = Command::new(&pxe_bin);
         cmd.args(["serve", "--interface", segment.uplink()])
-            .args([
-                "--namespace",
-                "tether-system",
-                "--default-image",
-                &boot_image,
-            ])
+            .args(["--cluster", "--namespace", "tether-system"])
+            .args(["--default-image", &boot_image])
             .arg("--artifacts-dir")
             .arg(&image.dir)
             .args(["--http-port", &http_port.to_string()])
