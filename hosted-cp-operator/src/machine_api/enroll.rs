@@ -51,6 +51,34 @@ pub async fn handle(
         ));
     }
     let req: EnrollRequest = read_json(body).await?;
+    let (token, csr, mac) = check(&server, &req).await?;
+    let (name, record) = server
+        .spend_token(&token, mac, &csr, req.facts.uuid.as_deref())
+        .await?;
+    let inventory = Inventory::new(server.client.clone());
+    let now = OffsetDateTime::now_utc();
+    let machine = inventory
+        .ensure(&name, mac, &req.facts, &record)
+        .await
+        .map_err(Failure::internal)?;
+    let cert = server
+        .certificate_for(&machine, &csr, now)
+        .map_err(Failure::internal)?;
+    inventory
+        .record_enrollment(&machine, &req.facts, cert.clone(), now)
+        .await
+        .map_err(Failure::internal)?;
+    tracing::info!(machine = %name, %mac, token = token.id(), "enrolled");
+    Ok(Json(EnrollResponse {
+        machine: name,
+        certificate: cert.pem,
+        ca: server.ca.cert_pem.clone(),
+    }))
+}
+
+/// Everything about a request that can be judged without the cluster: token syntax, CSR
+/// (its signature proves the sender holds the key), boot MAC, UUID.
+async fn check(server: &Server, req: &EnrollRequest) -> Result<(Token, Csr, Mac), Failure> {
     let token: Token = match req.token.parse() {
         Ok(t) => t,
         Err(e) => {
@@ -75,94 +103,83 @@ pub async fn handle(
             format!("facts.uuid {u:?} is not a lower-case UUID"),
         ));
     }
-    let inventory = Inventory::new(server.client.clone());
-    let deadline = std::time::Instant::now() + CAS_BUDGET;
-    let mut conflicts = 0u32;
-    while std::time::Instant::now() < deadline {
-        let now = OffsetDateTime::now_utc();
-        let loaded = match server.tokens.get(token.id()).await {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                return Err(server
-                    .refuse(
-                        None,
-                        Reason::TokenInvalid,
-                        format!(
-                            "token {} is unknown or its secret does not match",
-                            token.id()
-                        ),
-                    )
-                    .await);
-            }
-            Err(e) => {
-                tracing::warn!("token {}: {e}", token.id());
-                return Err(server
-                    .refuse(
-                        None,
-                        Reason::TokenInvalid,
-                        format!(
-                            "token {} is unknown or its secret does not match",
-                            token.id()
-                        ),
-                    )
-                    .await);
-            }
-        };
-        let regarding = loaded.secret.object_ref(&());
-        let name = match loaded.record.admit(&token, now, Some(mac), &csr.key_sha256) {
-            Err(r) => {
-                let (reason, msg) = refusal(&r, &loaded.record, mac);
-                return Err(server.refuse(Some(regarding), reason, msg).await);
-            }
-            Ok(Admission::Replay { machine }) => machine,
-            Ok(Admission::Spend) => {
-                let name = inventory
-                    .bind(mac, req.facts.uuid.as_deref())
-                    .await
-                    .map_err(Failure::internal)?;
-                let mut spent = loaded.record.clone();
-                spent.spend(&csr.key_sha256, &name);
-                if !server
-                    .tokens
-                    .replace(&loaded, &spent)
-                    .await
-                    .map_err(Failure::internal)?
-                {
-                    // Someone spent or changed it meanwhile: decide again, after a pause
-                    // that spreads the contenders out.
-                    conflicts += 1;
-                    tokio::time::sleep(cas_pause(conflicts)).await;
-                    continue;
-                }
-                tracing::info!(token = token.id(), machine = %name, %mac, "token spent");
-                name
-            }
-        };
-        let machine = inventory
-            .ensure(&name, mac, &req.facts, &loaded.record)
-            .await
-            .map_err(Failure::internal)?;
-        let cert = server
-            .certificate_for(&machine, &csr, now)
-            .map_err(Failure::internal)?;
-        inventory
-            .record_enrollment(&machine, &req.facts, cert.clone(), now)
-            .await
-            .map_err(Failure::internal)?;
-        tracing::info!(machine = %name, %mac, token = token.id(), "enrolled");
-        return Ok(Json(EnrollResponse {
-            machine: name,
-            certificate: cert.pem,
-            ca: server.ca.cert_pem.clone(),
-        }));
-    }
-    Err(Failure::new(
-        Reason::Internal,
-        "the token record kept changing; retry",
-    ))
+    Ok((token, csr, mac))
 }
 
 impl Server {
+    /// Admits `token` for this node and, for a new enrollment, spends it by compare-and-swap
+    /// on its Secret. Returns the Machine the node is and the token's record. Spends of one
+    /// token are serialised in this process (a pool token that hundreds of machines spend at
+    /// once would otherwise mostly collide); the compare-and-swap still guards against other
+    /// operator replicas, retried with jittered pauses within [`CAS_BUDGET`].
+    async fn spend_token(
+        &self,
+        token: &Token,
+        mac: Mac,
+        csr: &Csr,
+        uuid: Option<&str>,
+    ) -> Result<(String, TokenRecord), Failure> {
+        let lock = self.spend_lock(token.id());
+        let _held = lock.lock().await;
+        let inventory = Inventory::new(self.client.clone());
+        let deadline = std::time::Instant::now() + CAS_BUDGET;
+        let mut conflicts = 0u32;
+        let unknown = || {
+            format!(
+                "token {} is unknown or its secret does not match",
+                token.id()
+            )
+        };
+        while std::time::Instant::now() < deadline {
+            let loaded = match self.tokens.get(token.id()).await {
+                Ok(Some(l)) => l,
+                Ok(None) => return Err(self.refuse(None, Reason::TokenInvalid, unknown()).await),
+                Err(e) => {
+                    tracing::warn!("token {}: {e}", token.id());
+                    return Err(self.refuse(None, Reason::TokenInvalid, unknown()).await);
+                }
+            };
+            let now = OffsetDateTime::now_utc();
+            match loaded.record.admit(token, now, Some(mac), &csr.key_sha256) {
+                Err(r) => {
+                    let (reason, msg) = refusal(&r, &loaded.record, mac);
+                    let regarding = loaded.secret.object_ref(&());
+                    return Err(self.refuse(Some(regarding), reason, msg).await);
+                }
+                Ok(Admission::Replay { machine }) => return Ok((machine, loaded.record)),
+                Ok(Admission::Spend) => {
+                    let name = inventory.bind(mac, uuid).await.map_err(Failure::internal)?;
+                    let mut spent = loaded.record.clone();
+                    spent.spend(&csr.key_sha256, &name);
+                    if self
+                        .tokens
+                        .replace(&loaded, &spent)
+                        .await
+                        .map_err(Failure::internal)?
+                    {
+                        tracing::info!(token = token.id(), machine = %name, %mac, "token spent");
+                        return Ok((name, spent));
+                    }
+                    // Another replica spent or changed it meanwhile: decide again.
+                    conflicts += 1;
+                    tokio::time::sleep(cas_pause(conflicts)).await;
+                }
+            }
+        }
+        Err(Failure::new(
+            Reason::Internal,
+            "the token record kept changing; retry",
+        ))
+    }
+
+    /// The in-process lock serialising spends of token `id`.
+    fn spend_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.spend_locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Drop locks nobody holds or waits for, so the map stays as small as the storm.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(id.to_string()).or_default().clone()
+    }
+
     /// The certificate for `csr` on `m`: the one on record if it is for this key (a retry),
     /// else a new one that replaces it (the old one stays accepted until the new one is used).
     pub(super) fn certificate_for(

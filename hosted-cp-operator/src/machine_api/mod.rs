@@ -123,6 +123,7 @@ pub struct Server {
     limiter: Mutex<TokenBucket>,
     recorder: kube::runtime::events::Recorder,
     waiters: Waiters,
+    spend_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A started machine API.
@@ -179,6 +180,7 @@ pub async fn start(
         ca,
         recorder,
         waiters: Waiters::default(),
+        spend_locks: Mutex::default(),
     });
     waiters::spawn_watch(client, server.clone());
     tracing::info!(url = %settings.url, listen = %local_addr, %pin, "machine API serving");
