@@ -863,6 +863,14 @@ fn customize_tree(
     let wants = p("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants).map_err(Error::io("create", &wants))?;
     let mut enable = vec!["tether-agent.service".to_string()];
+    // The rootfs is read-only: /tmp is a tmpfs (Debian ships the unit, unenabled), or every
+    // unit with PrivateTmp/PrivateDevices fails to set up its namespace.
+    let local_fs = p("etc/systemd/system/local-fs.target.wants");
+    fs::create_dir_all(&local_fs).map_err(Error::io("create", &local_fs))?;
+    for link in [p("etc/systemd/system/tmp.mount"), local_fs.join("tmp.mount")] {
+        let _ = fs::remove_file(&link);
+        symlink("/usr/share/systemd/tmp.mount", &link).map_err(Error::io("link", &link))?;
+    }
     let sysinit = p("etc/systemd/system/sysinit.target.wants");
     fs::create_dir_all(&sysinit).map_err(Error::io("create", &sysinit))?;
     let timesyncd = sysinit.join("systemd-timesyncd.service");

@@ -26,6 +26,9 @@ pub const BASE_PACKAGES: &[&str] = &[
     // TLS needs a sane clock: NTP servers come from DHCP through networkd (DESIGN.md "The
     // node contract"); the agent waits for a plausible clock before enrolling.
     "systemd-timesyncd",
+    // Loads the drivers of the hardware it finds (a NIC's module, at the least) and makes
+    // /dev/disk/by-label (a NoCloud `cidata` volume).
+    "udev",
     // Build inputs of the initramfs (taken from the image's own packages, so they are
     // pinned with it); veritysetup also lets the agent check a new A/B slot.
     "busybox-static",
