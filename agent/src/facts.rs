@@ -61,7 +61,9 @@ pub fn gather(root: &Path, boot: &BootParams, links: &[Link]) -> Facts {
         uuid: if container {
             None
         } else {
-            read(root, "/sys/class/dmi/id/product_uuid").map(|u| u.to_ascii_lowercase())
+            read(root, "/sys/class/dmi/id/product_uuid")
+                .map(|u| u.to_ascii_lowercase())
+                .filter(|u| is_identity(u))
         },
         boot_mac,
         nics,
@@ -87,6 +89,12 @@ pub fn gather(root: &Path, boot: &BootParams, links: &[Link]) -> Facts {
             (v, p) => v.or(p),
         },
     }
+}
+
+/// Firmware without a real UUID reports all zeros or all ones: not an identity.
+pub fn is_identity(uuid: &str) -> bool {
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    !hex.chars().all(|c| c == '0') && !hex.chars().all(|c| c == 'f')
 }
 
 /// `MemTotal:  2035280 kB` → bytes.
@@ -332,6 +340,23 @@ mod tests {
             l.iter()
                 .any(|x| x.name == "lo" && x.addresses.iter().any(|a| a == "127.0.0.1/8")),
             "{l:?}"
+        );
+    }
+
+    #[test]
+    fn placeholder_uuids_are_not_identities() {
+        assert!(is_identity("4c4c4544-0000-1000-8000-000000000001"));
+        assert!(!is_identity("00000000-0000-0000-0000-000000000000"));
+        assert!(!is_identity("ffffffff-ffff-ffff-ffff-ffffffffffff"));
+        let t = machine();
+        put(
+            t.path(),
+            "/sys/class/dmi/id/product_uuid",
+            "00000000-0000-0000-0000-000000000000\n",
+        );
+        assert_eq!(
+            gather(t.path(), &BootParams::default(), &links()).uuid,
+            None
         );
     }
 

@@ -867,7 +867,10 @@ fn customize_tree(
     // unit with PrivateTmp/PrivateDevices fails to set up its namespace.
     let local_fs = p("etc/systemd/system/local-fs.target.wants");
     fs::create_dir_all(&local_fs).map_err(Error::io("create", &local_fs))?;
-    for link in [p("etc/systemd/system/tmp.mount"), local_fs.join("tmp.mount")] {
+    for link in [
+        p("etc/systemd/system/tmp.mount"),
+        local_fs.join("tmp.mount"),
+    ] {
         let _ = fs::remove_file(&link);
         symlink("/usr/share/systemd/tmp.mount", &link).map_err(Error::io("link", &link))?;
     }

@@ -296,8 +296,14 @@ impl Site {
         p.segment.as_ref().map(|s| s.dhcp_log()).unwrap_or_default()
     }
 
+    /// The SMBIOS UUID [`Site::pxe_vm`] gives the VM with `mac` (as a real board has one).
+    pub fn uuid_of(mac: &str) -> String {
+        format!("4c4c4544-0000-1000-8000-{}", mac.replace(':', ""))
+    }
+
     /// A qemu VM (SeaBIOS, qemu's iPXE ROM, TCG) with one NIC on the segment that boots
-    /// from the network. Its serial console goes to `<dir>/<name>.serial`.
+    /// from the network, its SMBIOS UUID [`Site::uuid_of`] its MAC. Its serial console goes
+    /// to `<dir>/<name>.serial`.
     pub fn pxe_vm(&self, name: &str, mac: &str) -> Vm {
         let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         let segment = p.segment.as_ref().expect("site is up");
@@ -312,7 +318,7 @@ impl Site {
             &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
         ])
         .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-        .args(["-boot", "n"])
+        .args(["-boot", "n", "-uuid", &Site::uuid_of(mac)])
         .spawn()
         .expect("start qemu")
     }

@@ -69,6 +69,15 @@ async fn pxe_booted_vm_enrolls_through_proxy_dhcp() {
         console.contains("tether-initramfs: rootfs verified"),
         "booted the verified image"
     );
+    let failed: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("Failed to start"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "no unit of the image failed:\n{}",
+        failed.join("\n")
+    );
     let st = machine.status.unwrap();
     let facts = st.facts.unwrap();
     assert_eq!(
@@ -78,7 +87,11 @@ async fn pxe_booted_vm_enrolls_through_proxy_dhcp() {
     );
     assert!(facts.cpus >= 1 && facts.memory_bytes > 1 << 30, "{facts:?}");
     assert_eq!(facts.boot_mode, "bios");
-    assert!(facts.uuid.is_some(), "a VM has a DMI UUID");
+    assert_eq!(
+        facts.uuid,
+        Some(Site::uuid_of(&mac)),
+        "the VM's SMBIOS UUID"
+    );
     assert!(facts.disks.is_empty(), "diskless");
     assert!(
         st.last_seen.is_some(),
