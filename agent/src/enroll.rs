@@ -126,6 +126,7 @@ pub async fn enroll(root: &Path, state: &StateDir, seed: Option<Seed>) -> Result
             machine: resp.machine,
             certificate: resp.certificate,
             ca: resp.ca,
+            received: 0,
         },
         &key,
     )?;

@@ -37,6 +37,10 @@ pub struct Enrolled {
     pub certificate: String,
     /// The machine API CA (PEM).
     pub ca: String,
+    /// When this node saved the certificate (Unix seconds; set by [`StateDir::save`]):
+    /// certificates are backdated for clock skew, so renewal counts from here.
+    #[serde(default)]
+    pub received: u64,
 }
 
 /// A loaded identity: what is on disk plus the key.
@@ -53,18 +57,17 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// When to renew: at two thirds of the certificate's life.
+    /// When to renew: two thirds into the certificate's life as this node received it.
     pub fn renew_at(&self) -> SystemTime {
-        renew_at(self.not_before, self.not_after)
+        let received = SystemTime::UNIX_EPOCH + Duration::from_secs(self.enrolled.received);
+        renew_at(self.not_before.max(received), self.not_after)
     }
 }
 
-/// Two thirds into `[not_before, not_after]`.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let life = not_after
-        .duration_since(not_before)
-        .unwrap_or(Duration::ZERO);
-    not_before + life * 2 / 3
+/// Two thirds into `[start, not_after]`.
+pub fn renew_at(start: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(start).unwrap_or(Duration::ZERO);
+    start + life * 2 / 3
 }
 
 /// The state directory.
@@ -180,7 +183,12 @@ impl StateDir {
             });
         }
         self.ensure_dir()?;
-        let json = serde_json::to_vec_pretty(enrolled).expect("strings serialize");
+        let mut enrolled = enrolled.clone();
+        enrolled.received = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let json = serde_json::to_vec_pretty(&enrolled).expect("strings serialize");
         write_atomic(&self.file(ENROLLED), &json, 0o600)?;
         if self.file(NEW_KEY).exists()
             && std::fs::read_to_string(self.file(NEW_KEY)).ok().as_deref()
@@ -190,7 +198,7 @@ impl StateDir {
                 .map_err(Error::io("promote", self.file(NEW_KEY)))?;
         }
         Ok(Identity {
-            enrolled: enrolled.clone(),
+            enrolled,
             key_pem: key.serialize_pem(),
             not_before: cert.not_before,
             not_after: cert.not_after,
@@ -322,13 +330,24 @@ mod tests {
             machine: "mac-525400000001".into(),
             certificate: issue(&key, 30),
             ca: "CA".into(),
+            received: 0,
         };
         let id = s.save(&e, &key).unwrap();
         let loaded = s.load().unwrap().unwrap();
-        assert_eq!(loaded.enrolled, e);
+        assert_eq!(loaded.enrolled, id.enrolled);
+        assert_eq!(
+            Enrolled {
+                received: 0,
+                ..loaded.enrolled.clone()
+            },
+            e
+        );
         assert_eq!(loaded.not_after, id.not_after);
-        let life = id.not_after.duration_since(id.not_before).unwrap();
-        assert_eq!(id.renew_at(), id.not_before + life * 2 / 3);
+        // Renewal counts from receipt, not from the backdated notBefore.
+        let received = SystemTime::UNIX_EPOCH + Duration::from_secs(id.enrolled.received);
+        assert!(id.not_before < received, "the certificate is backdated");
+        let life = id.not_after.duration_since(received).unwrap();
+        assert_eq!(id.renew_at(), received + life * 2 / 3);
         // A certificate for another key is refused and changes nothing.
         let other = KeyPair::generate().unwrap();
         let bad = Enrolled {
@@ -336,7 +355,7 @@ mod tests {
             ..e.clone()
         };
         assert!(s.save(&bad, &key).is_err());
-        assert_eq!(s.load().unwrap().unwrap().enrolled, e);
+        assert_eq!(s.load().unwrap().unwrap().enrolled, id.enrolled);
         s.forget_enrollment().unwrap();
         assert!(s.load().unwrap().is_none());
         assert_eq!(
@@ -364,6 +383,7 @@ mod tests {
             machine: "m".into(),
             certificate: issue(&old, 30),
             ca: "CA".into(),
+            received: 0,
         };
         s.save(&e, &old).unwrap();
         let next = s.next_key().unwrap();

@@ -218,6 +218,7 @@ impl Service {
                 machine: resp.machine,
                 certificate: resp.certificate,
                 ca: resp.ca,
+                received: 0,
             },
             &key,
         )

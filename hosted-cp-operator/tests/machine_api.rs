@@ -296,6 +296,7 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
                 machine: resp.machine.clone(),
                 certificate: resp.certificate.clone(),
                 ca: resp.ca.clone(),
+                received: 0,
             },
             &next,
         )
@@ -562,4 +563,95 @@ async fn enrollment_is_rate_limited_and_silence_is_noticed() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The agent's service renews its certificate by itself at two thirds of its life (here
+/// 30 s), the API accepts only the new one once it is used, and a restarted service reuses
+/// the saved identity instead of enrolling again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_renews_by_itself_and_a_restart_reuses_its_identity() {
+    let env = env(|s| {
+        s.cert_lifetime = time::Duration::seconds(30);
+        s.report_seconds = 1;
+    })
+    .await;
+    let token = env.join_token(Some(1)).await;
+    let (root, state) = env.node("52:54:00:00:1a:01");
+    let first = env.enroll(&root, &state, env.seed(&token)).await.unwrap();
+    let service = |state: StateDir| {
+        let root = root.clone();
+        tokio::spawn(async move {
+            tether_agent::service::Service {
+                root,
+                state,
+                notify: Default::default(),
+            }
+            .run()
+            .await
+        })
+    };
+    let running = service(state.clone());
+    let started = Instant::now();
+    let name = first.enrolled.machine.clone();
+    // Renewed: the record holds a new certificate, the node saved it, and once the node
+    // reported with it the old one is no longer on record.
+    let renewed = loop {
+        let cert = env
+            .machine(&name)
+            .await
+            .status
+            .unwrap()
+            .certificate
+            .unwrap();
+        let saved = state.load().unwrap().unwrap();
+        if cert.pem != first.enrolled.certificate
+            && saved.enrolled.certificate == cert.pem
+            && cert.previous_sha256.is_none()
+        {
+            break saved;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no renewal after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("renewed {:?} after the service started", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(15),
+        "not before two thirds of 30 s"
+    );
+    let old = MachineApi::mutual(&first.enrolled.api, &first).unwrap();
+    let err = old
+        .config(&name, -1, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::Forbidden), "{err}");
+
+    // A restart finds the identity and enrolls nothing (the single-use token is spent).
+    running.abort();
+    let _ = running.await;
+    let seen = env.machine(&name).await.status.unwrap().last_seen;
+    let again = service(state.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = env.machine(&name).await.status.unwrap();
+        if st.last_seen != seen {
+            assert_eq!(st.certificate.unwrap().pem, renewed.enrolled.certificate);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted service never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    again.abort();
+    assert_eq!(
+        env.record(token.id()).await.spent.len(),
+        1,
+        "no second enrollment"
+    );
+    assert_eq!(env.machines().await.len(), 1);
 }
