@@ -323,6 +323,46 @@ impl Site {
         .expect("start qemu")
     }
 
+    /// A qemu VM (TCG) that boots the image's kernel directly (no PXE, so no `tether.*`
+    /// enrollment words on its command line), with one NIC on the segment, the SMBIOS UUID
+    /// [`Site::uuid_of`] its MAC, and `disk` attached read-only as a virtio disk — e.g. a
+    /// NoCloud `cidata` volume.
+    pub fn direct_vm(&self, name: &str, mac: &str, disk: &Path) -> Vm {
+        static INITRD: OnceLock<PathBuf> = OnceLock::new();
+        let initrd = INITRD.get_or_init(|| {
+            let out = self.dir.join("initrd-with-rootfs.img");
+            tether_image::build::write_combined_initrd(&self.image.dir, "rootfs.squashfs", &out)
+                .expect("combine initramfs and rootfs");
+            out
+        });
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let segment = p.segment.as_ref().expect("site is up");
+        let tap = segment.add_tap().expect("tap on the segment");
+        Qemu::new_in(
+            segment.netns(),
+            &self.dir.join(format!("{name}.serial")),
+            1536,
+        )
+        .direct_boot(
+            &self.image.dir.join("vmlinux"),
+            initrd,
+            &self.image.manifest.cmdline,
+        )
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+        .args([
+            "-uuid".to_string(),
+            Site::uuid_of(mac),
+            "-drive".to_string(),
+            format!("file={},if=virtio,format=raw,readonly=on", disk.display()),
+        ])
+        .spawn()
+        .expect("start qemu")
+    }
+
     /// The image's rootfs, unpacked once (nspawn boots it with a volatile overlay).
     pub fn rootfs(&self) -> PathBuf {
         static ROOT: OnceLock<PathBuf> = OnceLock::new();

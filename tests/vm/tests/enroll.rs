@@ -177,6 +177,82 @@ async fn nspawn_node_enrolls_through_nocloud_with_a_pool_token() {
     );
 }
 
+/// A VM booted without any enrollment words finds its seed on a vfat volume labelled
+/// `CIDATA` (cloud-init's NoCloud disk), mounted read-only through udev's by-label link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_enrolls_through_a_nocloud_cidata_volume() {
+    let site = tokio::task::spawn_blocking(site).await.unwrap();
+    let user_data = site.token(&[
+        "create",
+        "--ttl",
+        "15m",
+        "--uses",
+        "1",
+        "--labels",
+        "seed=cidata",
+        "--user-data",
+    ]);
+    let seed = site.dir.join("cidata");
+    std::fs::create_dir_all(&seed).unwrap();
+    std::fs::write(seed.join("user-data"), &user_data).unwrap();
+    std::fs::write(seed.join("meta-data"), "instance-id: vm-cidata\n").unwrap();
+    let img = site.dir.join("cidata.img");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("truncate").args(["-s", "4M"]).arg(&img));
+    run(Command::new("mkfs.vfat").args(["-n", "CIDATA"]).arg(&img));
+    for f in ["user-data", "meta-data"] {
+        run(Command::new("mcopy")
+            .arg("-i")
+            .arg(&img)
+            .arg(seed.join(f))
+            .arg(format!("::{f}")));
+    }
+    let mac = site.next_mac();
+    let vm = site.direct_vm("cidata", &mac, &img);
+    let machine = wait_enrolled(site, &mac, Duration::from_secs(300), || {
+        format!(
+            "--- console ---\n{}\n--- operator ---\n{}",
+            tether_testkit::qemu::tail(&vm.console(), 60),
+            site.operator_log()
+        )
+    })
+    .await;
+    eprintln!(
+        "qemu start → Machine Enrolled through cidata: {:.1?}",
+        vm.elapsed()
+    );
+    let console = vm.console();
+    assert!(
+        console.contains("NoCloud volume CIDATA"),
+        "{}",
+        tether_testkit::qemu::tail(&console, 40)
+    );
+    assert_eq!(
+        machine
+            .metadata
+            .labels
+            .unwrap()
+            .get("seed")
+            .map(String::as_str),
+        Some("cidata")
+    );
+    let facts = machine.status.unwrap().facts.unwrap();
+    assert_eq!(facts.uuid, Some(Site::uuid_of(&mac)));
+    assert_eq!(
+        facts.boot_mac.as_deref(),
+        Some(mac.as_str()),
+        "the NIC of the default route"
+    );
+    assert_eq!(facts.disks.len(), 1, "the seed disk: {:?}", facts.disks);
+}
+
 /// The agent, killed in every phase of enrollment, always ends enrolled: one Machine, the
 /// single-use token spent once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
