@@ -16,6 +16,32 @@
 //! end up on a kernel command line or in a URL are validated on the way in *and* out, so a
 //! hostile value can never be rendered.
 
+/// Serializes a type as its `Display` text and deserializes it through `FromStr`, so every
+/// value of the node contract reads and writes the one canonical form, and a malformed one
+/// is refused while parsing JSON, YAML or TOML.
+#[macro_export]
+macro_rules! serde_as_text {
+    ($ty:ty) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<$ty, D::Error> {
+                let text = <String as serde::Deserialize>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod cmdline;
 pub mod error;
 pub mod initrd;

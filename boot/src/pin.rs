@@ -57,19 +57,7 @@ impl FromStr for CaPin {
     }
 }
 
-impl serde::Serialize for CaPin {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for CaPin {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<CaPin, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+crate::serde_as_text!(CaPin);
 
 #[cfg(test)]
 mod tests {

@@ -117,19 +117,7 @@ impl fmt::Debug for Token {
     }
 }
 
-impl serde::Serialize for Token {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Token {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Token, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+crate::serde_as_text!(Token);
 
 #[cfg(test)]
 mod tests {

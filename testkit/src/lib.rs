@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nspawn;
 pub mod ports;
 pub mod process;
+pub mod published;
 pub mod qemu;
 pub mod rootfs;
 pub mod segment;

@@ -125,47 +125,19 @@ impl Site {
             Duration::from_secs(120),
         )?;
         let kubeconfig = data.join("management.kubeconfig");
-        let kubectl = |args: &[&str]| {
-            let mut c = Command::new(
-                tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
-                    .expect("kubectl in the cache"),
-            );
-            c.arg("--kubeconfig").arg(&kubeconfig).args(args);
-            c
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let (api_url, pin) = loop {
-            let out = kubectl(&[
-                "-n",
-                "tether-system",
-                "get",
-                "configmap",
-                "tether-machine-api",
-                "-o",
-                "jsonpath={.data.url} {.data.caPin}",
-            ])
-            .output()
-            .map_err(|e| e.to_string())?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if let Some((u, p)) = text.split_once(' ')
-                && !u.is_empty()
-            {
-                break (
-                    u.to_string(),
-                    p.parse::<CaPin>().map_err(|e| e.to_string())?,
-                );
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "machine API not published:\n{}",
-                    operator.log_tail(30)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let (api_url, pin) =
+            tether_testkit::published::machine_api(&kubeconfig, Duration::from_secs(60))
+                .map_err(|e| format!("{e}\n{}", operator.log_tail(30)))?;
 
         // The image as a BootImage.
-        run(kubectl(&["apply", "-f"]).arg(image.dir.join("bootimage.yaml")));
+        run(Command::new(
+            tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
+                .map_err(|e| e.to_string())?,
+        )
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["apply", "-f"])
+        .arg(image.dir.join("bootimage.yaml")));
         let boot_image = tether_image::boot::object_name(&image.manifest.version);
 
         // tether-pxe on the uplink: proxyDHCP next to the site's dnsmasq, cluster source.
@@ -301,10 +273,9 @@ impl Site {
         format!("4c4c4544-0000-1000-8000-{}", mac.replace(':', ""))
     }
 
-    /// A qemu VM (SeaBIOS, qemu's iPXE ROM, TCG) with one NIC on the segment that boots
-    /// from the network, its SMBIOS UUID [`Site::uuid_of`] its MAC. Its serial console goes
-    /// to `<dir>/<name>.serial`.
-    pub fn pxe_vm(&self, name: &str, mac: &str) -> Vm {
+    /// A qemu VM (TCG) with one virtio NIC on the segment and the SMBIOS UUID
+    /// [`Site::uuid_of`] its MAC; its serial console goes to `<dir>/<name>.serial`.
+    fn vm_on_segment(&self, name: &str, mac: &str) -> Qemu {
         let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         let segment = p.segment.as_ref().expect("site is up");
         let tap = segment.add_tap().expect("tap on the segment");
@@ -314,19 +285,26 @@ impl Site {
             1536,
         )
         .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "-netdev".to_string(),
+            format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev=n0,mac={mac}"),
+            "-uuid".to_string(),
+            Site::uuid_of(mac),
         ])
-        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-        .args(["-boot", "n", "-uuid", &Site::uuid_of(mac)])
-        .spawn()
-        .expect("start qemu")
     }
 
-    /// A qemu VM (TCG) that boots the image's kernel directly (no PXE, so no `tether.*`
-    /// enrollment words on its command line), with one NIC on the segment, the SMBIOS UUID
-    /// [`Site::uuid_of`] its MAC, and `disk` attached read-only as a virtio disk — e.g. a
-    /// NoCloud `cidata` volume.
+    /// A VM on the segment (SeaBIOS, qemu's iPXE ROM) that boots from the network.
+    pub fn pxe_vm(&self, name: &str, mac: &str) -> Vm {
+        self.vm_on_segment(name, mac)
+            .args(["-boot", "n"])
+            .spawn()
+            .expect("start qemu")
+    }
+
+    /// A VM on the segment that boots the image's kernel directly (no PXE, so no `tether.*`
+    /// enrollment words on its command line), with `disk` attached read-only as a virtio
+    /// disk — e.g. a NoCloud `cidata` volume.
     pub fn direct_vm(&self, name: &str, mac: &str, disk: &Path) -> Vm {
         static INITRD: OnceLock<PathBuf> = OnceLock::new();
         let initrd = INITRD.get_or_init(|| {
@@ -335,32 +313,28 @@ impl Site {
                 .expect("combine initramfs and rootfs");
             out
         });
-        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
-        let segment = p.segment.as_ref().expect("site is up");
-        let tap = segment.add_tap().expect("tap on the segment");
-        Qemu::new_in(
-            segment.netns(),
-            &self.dir.join(format!("{name}.serial")),
-            1536,
-        )
-        .direct_boot(
-            &self.image.dir.join("vmlinux"),
-            initrd,
-            &self.image.manifest.cmdline,
-        )
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        ])
-        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-        .args([
-            "-uuid".to_string(),
-            Site::uuid_of(mac),
-            "-drive".to_string(),
-            format!("file={},if=virtio,format=raw,readonly=on", disk.display()),
-        ])
-        .spawn()
-        .expect("start qemu")
+        self.vm_on_segment(name, mac)
+            .direct_boot(
+                &self.image.dir.join("vmlinux"),
+                initrd,
+                &self.image.manifest.cmdline,
+            )
+            .args([
+                "-drive".to_string(),
+                format!("file={},if=virtio,format=raw,readonly=on", disk.display()),
+            ])
+            .spawn()
+            .expect("start qemu")
+    }
+
+    /// A NoCloud seed directory `<dir>/<name>` holding `user_data` and a `meta-data` naming
+    /// `name` as the instance.
+    pub fn seed_dir(&self, name: &str, user_data: &str) -> PathBuf {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("user-data"), user_data).unwrap();
+        std::fs::write(dir.join("meta-data"), format!("instance-id: {name}\n")).unwrap();
+        dir
     }
 
     /// The image's rootfs, unpacked once (nspawn boots it with a volatile overlay).

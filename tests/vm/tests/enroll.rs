@@ -141,10 +141,7 @@ async fn nspawn_node_enrolls_through_nocloud_with_a_pool_token() {
         "team-a/workers",
         "--user-data",
     ]);
-    let seed_dir = site.dir.join("seed-nocloud");
-    std::fs::create_dir_all(&seed_dir).unwrap();
-    std::fs::write(seed_dir.join("user-data"), &user_data).unwrap();
-    std::fs::write(seed_dir.join("meta-data"), "instance-id: nspawn-1\n").unwrap();
+    let seed_dir = site.seed_dir("nspawn-1", &user_data);
     let mac = site.next_mac();
     let netns = site.node_netns(&mac);
     let started = Instant::now();
@@ -192,10 +189,7 @@ async fn vm_enrolls_through_a_nocloud_cidata_volume() {
         "seed=cidata",
         "--user-data",
     ]);
-    let seed = site.dir.join("cidata");
-    std::fs::create_dir_all(&seed).unwrap();
-    std::fs::write(seed.join("user-data"), &user_data).unwrap();
-    std::fs::write(seed.join("meta-data"), "instance-id: vm-cidata\n").unwrap();
+    let seed = site.seed_dir("vm-cidata", &user_data);
     let img = site.dir.join("cidata.img");
     let run = |cmd: &mut Command| {
         let out = cmd.output().unwrap();

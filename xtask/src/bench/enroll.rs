@@ -233,34 +233,7 @@ pub fn run() -> Result<(), Error> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let kubeconfig = data.join("management.kubeconfig");
-    let kubectl = tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)?;
-    let (api, pin) = loop {
-        let out = Command::new(&kubectl)
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args([
-                "-n",
-                "tether-system",
-                "get",
-                "configmap",
-                "tether-machine-api",
-                "-o",
-                "jsonpath={.data.url} {.data.caPin}",
-            ])
-            .output()
-            .map_err(step("kubectl"))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Some((u, p)) = text.split_once(' ') {
-            break (
-                u.to_string(),
-                p.parse::<CaPin>().map_err(|e| fail("pin", e.to_string()))?,
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            return Err(fail("machine API", "not published"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (api, pin) = tether_testkit::published::machine_api(&kubeconfig, Duration::from_secs(60))?;
     println!("==> minting {n} single-use tokens and one pool token for {n}");
     let own: Vec<Token> = (0..n)
         .map(|_| token(&bin, &kubeconfig, &["--ttl", "1h", "--uses", "1"]))
