@@ -72,7 +72,10 @@ fuzz_target!(|data: &[u8]| {
         matches!(status, 200 | 206 | 304 | 400 | 404 | 405 | 416 | 422 | 503),
         "status {status}"
     );
-    if status == 200 && req.uri().path().ends_with(".ipxe") {
+    // Scripts are `/boot/<mac>.ipxe`; an artifact path may end in `.ipxe` too (the cpio
+    // entry's name is the client's), and its body is the artifact's bytes.
+    let path = req.uri().path();
+    if status == 200 && path.starts_with("/boot/") && path.ends_with(".ipxe") {
         let body = std::str::from_utf8(resp.body()).expect("scripts are UTF-8");
         assert!(body.starts_with("#!ipxe\n"), "{body}");
         assert_eq!(
