@@ -180,9 +180,11 @@ impl BootParams {
                 continue;
             };
             if seen.contains(&known) {
+                // Never echo a token's value (it is logged, and shown on consoles).
+                let shown = if known == TOKEN { "<redacted>" } else { value };
                 return Err(Error::invalid(
                     known,
-                    value,
+                    shown,
                     "given twice on the command line",
                 ));
             }
@@ -491,10 +493,18 @@ mod tests {
             ("tether.token=abc", "<id>.<secret>"),
             ("tether.slot=a tether.slot=b", "twice"),
             ("tether.api=http://a tether.api=http://b", "twice"),
+            (
+                "tether.token=abcdef.zyxwvutsrqponmlk tether.token=abcdef.zyxwvutsrqponmlk",
+                "<redacted>",
+            ),
         ];
         for (line, want) in cases {
             let err = BootParams::parse(line).expect_err(line).to_string();
             assert!(err.contains(want), "{line}: {err} lacks {want}");
+            assert!(
+                !err.contains("zyxwvutsrqponmlk"),
+                "{err} shows a token's secret"
+            );
         }
         let mut p = full();
         p.other.push("x".repeat(MAX_CMDLINE));

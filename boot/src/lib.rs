@@ -6,6 +6,7 @@
 //! | [`cmdline::BootParams`] (`tether.*` kernel command line) | tether-image, tether-pxe | initramfs, tether-agent |
 //! | [`initrd`] (the rootfs as one cpio entry) | tether-pxe, tether-image (qemu tests) | kernel → initramfs |
 //! | [`mac::Mac`] | tether-pxe (DHCP), tether-agent (facts) | operator (Machine names, labels) |
+//! | [`uuid::Uuid`] | tether-agent (facts) | operator (binding a re-enrolling machine) |
 //! | [`token::Token`] | operator, tether-pxe (boot tokens) | tether-agent → machine API |
 //! | [`pin::CaPin`] | operator (machine API CA) | tether-pxe, tether-agent (first contact) |
 //! | [`manifest::Manifest`] | tether-image (signed) | operator, tether-agent (upgrades) |
@@ -51,6 +52,7 @@ pub mod pin;
 pub mod seed;
 pub mod slot;
 pub mod token;
+pub mod uuid;
 
 pub use cmdline::BootParams;
 pub use error::{Error, Result};
@@ -58,3 +60,4 @@ pub use mac::Mac;
 pub use pin::CaPin;
 pub use slot::Slot;
 pub use token::Token;
+pub use uuid::Uuid;
