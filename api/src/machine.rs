@@ -19,6 +19,13 @@ pub const UUID_LABEL: &str = "tether.dev/uuid";
 /// The condition saying whether the agent reports on time.
 pub const AGENT_REACHABLE: &str = "AgentReachable";
 
+/// Of the Machines labelled with one MAC (normally one; a user may have made another), the
+/// one a MAC belongs to: the first by name. tether-pxe and the machine API both decide by
+/// this rule, so they never disagree about which Machine a MAC is.
+pub fn owner_of_mac(names: impl IntoIterator<Item = String>) -> Option<String> {
+    names.into_iter().min()
+}
+
 /// What a machine is and what it should run. Created by PXE discovery, agent enrollment or
 /// a user; claimed by a worker pool.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

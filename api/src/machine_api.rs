@@ -3,7 +3,7 @@
 //! | method and path | who | body → answer |
 //! |---|---|---|
 //! | `POST /v1/enroll` | anyone with a token (server TLS only, pinned by the agent) | [`EnrollRequest`] → [`EnrollResponse`] |
-//! | `GET /v1/machines/{name}/config?after=G&timeout=S` | that machine's certificate | long-poll → [`DesiredConfig`] (generation > G, or the current one after S seconds) |
+//! | `GET /v1/machines/{name}/config?version=V&timeout=S` | that machine's certificate | long-poll → [`DesiredConfig`] (as soon as its version differs from V, else the current one after S seconds) |
 //! | `POST /v1/machines/{name}/status` | that machine's certificate | [`StatusReport`] → [`StatusAck`] |
 //! | `POST /v1/machines/{name}/renew` | that machine's certificate | [`RenewRequest`] → [`EnrollResponse`] |
 //!
@@ -25,7 +25,7 @@ pub const CONFIG_MAP: &str = "tether-machine-api";
 pub const KEY_URL: &str = "url";
 /// ConfigMap key: `sha256:<hex>` of the CA's public key.
 pub const KEY_CA_PIN: &str = "caPin";
-/// The Secret holding the machine API CA (`ca.crt`, `ca.key`).
+/// The Secret holding the machine API CA (type `kubernetes.io/tls`: `tls.crt`, `tls.key`).
 pub const CA_SECRET: &str = "tether-machine-api-ca";
 /// Common-name prefix of machine certificates: `tether:machine:<name>`.
 pub const MACHINE_CN_PREFIX: &str = "tether:machine:";
@@ -84,8 +84,9 @@ pub struct RenewRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DesiredConfig {
-    /// Changes whenever anything below changes; the next long-poll passes it as `after`.
-    pub generation: i64,
+    /// A digest of everything below ([`DesiredConfig::digest`]): it changes exactly when
+    /// anything else changes. The next long-poll passes it as `version`.
+    pub version: String,
     /// The Machine.
     pub machine: String,
     /// Its phase as the operator sees it.
@@ -99,6 +100,30 @@ pub struct DesiredConfig {
     /// How often the agent reports (seconds): the operator marks it unreachable after
     /// three missed reports.
     pub report_seconds: u32,
+}
+
+impl DesiredConfig {
+    /// The version of a config: hex sha256 (first 16 bytes) of its JSON without the
+    /// version itself.
+    pub fn digest(&self) -> String {
+        use std::fmt::Write;
+        let mut v = serde_json::to_value(self).expect("the desired config serializes");
+        if let Some(o) = v.as_object_mut() {
+            o.remove("version");
+        }
+        let bytes = serde_json::to_vec(&v).expect("a JSON value serializes");
+        let hash = <sha2::Sha256 as sha2::Digest>::digest(&bytes);
+        hash[..16].iter().fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
+    /// `self` with its version set from its content.
+    pub fn versioned(mut self) -> DesiredConfig {
+        self.version = self.digest();
+        self
+    }
 }
 
 /// What the agent reports.
@@ -125,8 +150,8 @@ pub struct StatusReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusAck {
-    /// The desired config's current generation: a long-poll after a reconnect starts here.
-    pub generation: i64,
+    /// The desired config's current version.
+    pub version: String,
 }
 
 /// Why a request was refused.
@@ -146,6 +171,9 @@ pub enum Reason {
     TokenUsedUp,
     /// A boot token presented by a machine other than the one it was minted for.
     TokenWrongMac,
+    /// The Machine this node would be is enrolled or in a pool already, and this token may
+    /// not take it over (only its boot token, or a join token of its own pool, may).
+    MachineClaimed,
     /// The endpoint needs a machine certificate.
     CertificateRequired,
     /// The certificate is valid but not for this Machine, or no longer on record.
@@ -169,6 +197,7 @@ impl Reason {
             | Reason::TokenExpired
             | Reason::TokenUsedUp
             | Reason::TokenWrongMac
+            | Reason::MachineClaimed
             | Reason::Forbidden => 403,
             Reason::CertificateRequired => 401,
             Reason::NotFound => 404,
@@ -199,6 +228,28 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// The machine API's URL and pin from its published ConfigMap: the one reader tether-pxe,
+/// `token create --user-data` and the tests share. The URL is checked as the node will
+/// check it.
+#[cfg(feature = "kube")]
+pub fn published(
+    cm: &k8s_openapi::api::core::v1::ConfigMap,
+) -> Result<(String, tether_boot::CaPin), String> {
+    let data = cm.data.as_ref();
+    let get = |k: &str| {
+        data.and_then(|d| d.get(k))
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("ConfigMap {CONFIG_MAP} has no {k}"))
+    };
+    let url = get(KEY_URL)?;
+    tether_boot::cmdline::check_url("machine API URL", url)
+        .map_err(|e| format!("ConfigMap {CONFIG_MAP} key {KEY_URL}: {e}"))?;
+    let pin = get(KEY_CA_PIN)?
+        .parse()
+        .map_err(|e: tether_boot::Error| format!("ConfigMap {CONFIG_MAP} key {KEY_CA_PIN}: {e}"))?;
+    Ok((url.clone(), pin))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +277,29 @@ mod tests {
         assert_eq!(Reason::RateLimited.http_status(), 429);
         assert!(Reason::Internal.retriable() && !Reason::TokenUsedUp.retriable());
         assert_eq!(config_path("m1"), "/v1/machines/m1/config");
+    }
+
+    #[test]
+    fn the_version_follows_the_content() {
+        let c = DesiredConfig {
+            version: String::new(),
+            machine: "m".into(),
+            phase: MachinePhase::Enrolled,
+            pool: None,
+            image: None,
+            report_seconds: 15,
+        }
+        .versioned();
+        assert_eq!(c.version.len(), 32);
+        assert_eq!(c.clone().versioned().version, c.version, "stable");
+        let assigned = DesiredConfig {
+            phase: MachinePhase::Assigned,
+            ..c.clone()
+        }
+        .versioned();
+        assert_ne!(
+            assigned.version, c.version,
+            "a phase change is a new version"
+        );
     }
 }

@@ -7,10 +7,10 @@
 //! pre-assigning a pool and labels. [`TokenRecord::admit`] is the whole decision, pure; the
 //! machine API only loads the record, calls it and writes the result back.
 //!
-//! Spending is idempotent: the record remembers the hash of every key it was spent for, and
-//! the same key presented again within the token's life is a [`Admission::Replay`] that
-//! returns the same Machine — so a power cut between "token spent" and "certificate saved"
-//! never strands a machine.
+//! Spending is idempotent: the record remembers the hash of the keys it was spent for (the
+//! last [`MAX_SPENT`]), and the same key presented again within the token's life is an
+//! [`Admission::Replay`] that returns the same Machine — so a power cut between "token
+//! spent" and "certificate saved" never strands a machine.
 
 use std::collections::BTreeMap;
 
