@@ -175,8 +175,12 @@ pub fn condition(
 
 /// Now, as RFC 3339 (Kubernetes' timestamp format).
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
+    rfc3339(OffsetDateTime::now_utc())
+}
+
+/// `t` as RFC 3339.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
@@ -202,6 +206,7 @@ pub fn merge_conditions(old: &[Condition], new: Vec<Condition>) -> Vec<Condition
 pub async fn warn(
     recorder: &Recorder,
     object: &k8s_openapi::api::core::v1::ObjectReference,
+    action: &str,
     reason: &str,
     message: &str,
 ) {
@@ -209,7 +214,7 @@ pub async fn warn(
         type_: EventType::Warning,
         reason: reason.into(),
         note: Some(message.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = recorder.publish(&event, object).await {

@@ -43,8 +43,15 @@ pub async fn serve(
             let report = settings.report_seconds;
             let running =
                 crate::machine_api::start(client.clone(), namespace, settings, stopped).await?;
-            tokio::spawn(crate::machines::reachability::run(client.clone(), report));
-            Some(running.task)
+            let sweep = tokio::spawn(crate::machines::reachability::run(client.clone(), report));
+            let api = running.task;
+            // The sweep never returns: its ending is a failure of the machine API's side.
+            Some(tokio::spawn(async move {
+                tokio::select! {
+                    r = api => r.unwrap_or_else(|e| Err(Error::Invalid(format!("the machine API task died: {e}")))),
+                    _ = sweep => Err(Error::Invalid("the Machine reachability sweep ended".into())),
+                }
+            }))
         }
         None => {
             tracing::warn!("no machine API URL given: machines cannot enroll with this operator");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
-use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL, NAMESPACE};
+use tether_api::machine_api::{CONFIG_MAP, NAMESPACE};
 use tether_api::token::parse_labels;
 use tether_boot::seed::Seed;
 use time::OffsetDateTime;
@@ -89,7 +89,7 @@ pub async fn run(cmd: Command) -> Result<(), Error> {
                 None
             };
             let token = Tokens::new(client, &namespace)
-                .create_join(&namespace, ttl, uses, pool, labels)
+                .create_join(ttl, uses, pool, labels)
                 .await?;
             match seed_parts {
                 Some((url, pin)) => {
@@ -138,14 +138,5 @@ async fn published(
                 "ConfigMap {namespace}/{CONFIG_MAP} does not exist: is the operator serving the machine API?"
             ))
         })?;
-    let data = cm.data.unwrap_or_default();
-    let get = |k: &str| {
-        data.get(k)
-            .cloned()
-            .ok_or_else(|| Error::Invalid(format!("ConfigMap {CONFIG_MAP} has no {k}")))
-    };
-    let pin = get(KEY_CA_PIN)?
-        .parse()
-        .map_err(|e: tether_boot::Error| Error::Invalid(e.to_string()))?;
-    Ok((get(KEY_URL)?, pin))
+    tether_api::machine_api::published(&cm).map_err(Error::Invalid)
 }

@@ -336,6 +336,9 @@ impl Csr {
         use x509_parser::prelude::FromDer;
         let params = rcgen::CertificateSigningRequestParams::from_pem(pem)
             .map_err(|e| format!("the CSR does not parse or its signature is wrong: {e}"))?;
+        if params.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err("the CSR's key must be ECDSA P-256".into());
+        }
         let (_, p) =
             parse_x509_pem(pem.as_bytes()).map_err(|e| format!("the CSR is not PEM: {e}"))?;
         let (_, req) =

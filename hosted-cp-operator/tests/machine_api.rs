@@ -82,13 +82,7 @@ impl Env {
 
     async fn join_token(&self, uses: Option<u32>) -> Token {
         Tokens::new(self.client.clone(), NAMESPACE)
-            .create_join(
-                NAMESPACE,
-                time::Duration::hours(1),
-                uses,
-                None,
-                BTreeMap::new(),
-            )
+            .create_join(time::Duration::hours(1), uses, None, BTreeMap::new())
             .await
             .unwrap()
     }
@@ -135,7 +129,7 @@ impl Env {
         state: &StateDir,
         seed: Seed,
     ) -> Result<Identity, tether_agent::Error> {
-        tether_agent::enroll::enroll(root, state, Some(seed)).await
+        tether_agent::enroll::enroll(root, state, Some(seed), &Default::default()).await
     }
 
     /// A raw POST to /v1/enroll over pinned TLS (for bodies the agent would never send).
@@ -220,42 +214,97 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
     );
     assert_eq!(env.machines().await.len(), 1);
 
-    // Long-poll: answers at once for an old generation, then waits for a change.
+    // Two requests with one key racing (a retry after a timeout while the first still runs)
+    // end with one certificate, the one on record, whichever answer the node keeps.
+    let (root_c, state_c) = env.node("52:54:00:00:0a:02");
+    state_c.key().unwrap();
+    let (x, y) = tokio::join!(
+        env.enroll(&root_c, &state_c, env.seed(&token)),
+        env.enroll(&root_c, &state_c, env.seed(&token))
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.enrolled.certificate, y.enrolled.certificate);
+    let on_record = env
+        .machine(&x.enrolled.machine)
+        .await
+        .status
+        .unwrap()
+        .certificate
+        .unwrap();
+    assert_eq!(on_record.pem, x.enrolled.certificate);
+    assert_eq!(
+        env.record(token.id()).await.uses_left,
+        Some(1),
+        "spent once for the key"
+    );
+
+    // Long-poll: answers at once without a version, then waits until the config changes —
+    // a spec change and a status change alike (the phase is part of the config). The
+    // change is made only once the poll has waited 2 s, so an answer before that would be
+    // wrong, and one long after it means the change did not wake it.
     let api_a = MachineApi::mutual(&a.enrolled.api, &a).unwrap();
+    let machines: Api<Machine> = Api::all(env.client.clone());
     let cfg = api_a
-        .config("mac-525400000a01", -1, Duration::from_secs(5))
+        .config("mac-525400000a01", None, Duration::from_secs(5))
         .await
         .unwrap();
-    let gen0 = cfg.generation;
-    let poll = {
-        let api_a = api_a.clone();
-        tokio::spawn(async move {
-            let t = Instant::now();
-            let c = api_a
-                .config("mac-525400000a01", gen0, Duration::from_secs(30))
-                .await;
-            (c, t.elapsed())
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let machines: Api<Machine> = Api::all(env.client.clone());
+    let changes: [(&str, serde_json::Value); 2] = [
+        ("spec", json!({"spec": {"image": "tether-0-2-0"}})),
+        ("status", json!({"status": {"phase": "Assigned"}})),
+    ];
+    let mut known = cfg.version.clone();
+    for (what, change) in changes {
+        let poll = {
+            let api_a = api_a.clone();
+            let known = known.clone();
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let c = api_a
+                    .config("mac-525400000a01", Some(&known), Duration::from_secs(30))
+                    .await;
+                (c, t.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !poll.is_finished(),
+            "the {what} long-poll answered before anything changed"
+        );
+        let pp = PatchParams::default();
+        if what == "spec" {
+            machines
+                .patch("mac-525400000a01", &pp, &Patch::Merge(change))
+                .await
+                .unwrap();
+        } else {
+            machines
+                .patch_status("mac-525400000a01", &pp, &Patch::Merge(change))
+                .await
+                .unwrap();
+        }
+        let (cfg, took) = poll.await.unwrap();
+        let cfg = cfg.unwrap();
+        eprintln!("{what} long-poll answered {took:?} after it started (change made at 2 s)");
+        assert_ne!(cfg.version, known);
+        assert!(
+            took < Duration::from_secs(10),
+            "the {what} change woke the long-poll: {took:?}"
+        );
+        known = cfg.version.clone();
+        if what == "spec" {
+            assert_eq!(cfg.image.as_deref(), Some("tether-0-2-0"));
+        } else {
+            assert_eq!(cfg.phase, MachinePhase::Assigned);
+        }
+    }
     machines
-        .patch(
+        .patch_status(
             "mac-525400000a01",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"image": "tether-0-2-0"}})),
+            &Patch::Merge(json!({"status": {"phase": "Enrolled"}})),
         )
         .await
         .unwrap();
-    let (cfg, took) = poll.await.unwrap();
-    let cfg = cfg.unwrap();
-    eprintln!("long-poll answered {took:?} after it started (change made at ~300 ms)");
-    assert!(cfg.generation > gen0);
-    assert_eq!(cfg.image.as_deref(), Some("tether-0-2-0"));
-    assert!(
-        took < Duration::from_secs(10),
-        "the change woke the long-poll: {took:?}"
-    );
 
     // Status: lastSeen, agent version, AgentReachable.
     api_a.status("mac-525400000a01", &report()).await.unwrap();
@@ -302,7 +351,7 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
         )
         .unwrap();
     api_a
-        .config("mac-525400000a01", -1, Duration::from_secs(1))
+        .config("mac-525400000a01", None, Duration::from_secs(1))
         .await
         .expect("the old certificate still works");
     let api_a2 = MachineApi::mutual(&renewed.enrolled.api, &renewed).unwrap();
@@ -311,7 +360,7 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
         .await
         .expect("the new certificate works");
     let err = api_a
-        .config("mac-525400000a01", -1, Duration::from_secs(1))
+        .config("mac-525400000a01", None, Duration::from_secs(1))
         .await
         .unwrap_err();
     assert_eq!(
@@ -327,7 +376,7 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
         .await
         .expect("node B enrolls");
     let err = api_a2
-        .config(&b.enrolled.machine, -1, Duration::from_secs(1))
+        .config(&b.enrolled.machine, None, Duration::from_secs(1))
         .await
         .unwrap_err();
     assert_eq!(reason_of(&err), Some(Reason::Forbidden), "{err}");
@@ -354,7 +403,7 @@ async fn enrollment_long_poll_status_renewal_and_revocation() {
     // Without a certificate: 401.
     let pinned = MachineApi::pinned(&env.running.url, env.running.pin).unwrap();
     let err = pinned
-        .config("mac-525400000a01", -1, Duration::from_secs(1))
+        .config("mac-525400000a01", None, Duration::from_secs(1))
         .await
         .unwrap_err();
     assert_eq!(reason_of(&err), Some(Reason::CertificateRequired), "{err}");
@@ -449,6 +498,107 @@ async fn refusals_say_why_and_change_nothing() {
     assert_eq!(reason_of(&err), Some(Reason::TokenUsedUp), "{err}");
     assert_eq!(env.machines().await.len(), 1);
 
+    // Nobody takes over an enrolled Machine by claiming its MAC with a token not meant for
+    // it (the victim keeps its certificate and the token is not spent), and a token of
+    // another pool cannot take a pooled Machine either.
+    let victim_token = env.join_token(None).await;
+    let (root_v, state_v) = env.node("52:54:00:00:0c:02");
+    let victim = env
+        .enroll(&root_v, &state_v, env.seed(&victim_token))
+        .await
+        .expect("the victim enrolls");
+    let record_before = env
+        .machine(&victim.enrolled.machine)
+        .await
+        .status
+        .unwrap()
+        .certificate;
+    let thief_token = env.join_token(Some(5)).await;
+    let (_, thief_state) = env.node("52:54:00:00:0c:03");
+    let err = env
+        .enroll(&root_v, &thief_state, env.seed(&thief_token))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::MachineClaimed), "{err}");
+    assert_eq!(
+        env.machine(&victim.enrolled.machine)
+            .await
+            .status
+            .unwrap()
+            .certificate,
+        record_before
+    );
+    assert_eq!(
+        env.record(thief_token.id()).await.uses_left,
+        Some(5),
+        "nothing spent"
+    );
+    let pooled = Tokens::new(env.client.clone(), NAMESPACE)
+        .create_join(
+            time::Duration::hours(1),
+            None,
+            Some("team-a/x".into()),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let (root_p, state_p) = env.node("52:54:00:00:0c:04");
+    let member = env
+        .enroll(&root_p, &state_p, env.seed(&pooled))
+        .await
+        .unwrap();
+    let other_pool = Tokens::new(env.client.clone(), NAMESPACE)
+        .create_join(
+            time::Duration::hours(1),
+            None,
+            Some("team-b/y".into()),
+            BTreeMap::new(),
+        )
+        .await
+        .unwrap();
+    let (_, other_state) = env.node("52:54:00:00:0c:05");
+    let err = env
+        .enroll(&root_p, &other_state, env.seed(&other_pool))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::MachineClaimed), "{err}");
+    assert!(err.to_string().contains("team-a/x"), "{err}");
+    // Its own pool's token may (a stateless node of that pool coming back).
+    let (_, again_state) = env.node("52:54:00:00:0c:06");
+    let back = env
+        .enroll(&root_p, &again_state, env.seed(&pooled))
+        .await
+        .expect("its pool's token rebinds");
+    assert_eq!(back.enrolled.machine, member.enrolled.machine);
+
+    // Deleting a Machine revokes it: a replay with the old key and token comes to nothing,
+    // and the Machine is not brought back.
+    let once = env.join_token(Some(1)).await;
+    let (root_r, state_r) = env.node("52:54:00:00:0c:07");
+    let gone = env
+        .enroll(&root_r, &state_r, env.seed(&once))
+        .await
+        .unwrap();
+    Api::<Machine>::all(env.client.clone())
+        .delete(&gone.enrolled.machine, &DeleteParams::default())
+        .await
+        .unwrap();
+    state_r.forget_enrollment().unwrap();
+    let err = env
+        .enroll(&root_r, &state_r, env.seed(&once))
+        .await
+        .unwrap_err();
+    assert_eq!(reason_of(&err), Some(Reason::TokenUsedUp), "{err}");
+    assert!(err.to_string().contains("deleted"), "{err}");
+    assert!(
+        Api::<Machine>::all(env.client.clone())
+            .get_opt(&gone.enrolled.machine)
+            .await
+            .unwrap()
+            .is_none(),
+        "the deleted Machine stays deleted"
+    );
+
     // Garbage bodies.
     let count = env.machines().await.len();
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
@@ -499,6 +649,7 @@ async fn refusals_say_why_and_change_nothing() {
             .filter_map(|e| e.reason)
             .collect();
         let want = [
+            "MachineClaimed",
             "TokenExpired",
             "TokenWrongMac",
             "TokenInvalid",
@@ -624,7 +775,7 @@ async fn the_agent_renews_by_itself_and_a_restart_reuses_its_identity() {
     );
     let old = MachineApi::mutual(&first.enrolled.api, &first).unwrap();
     let err = old
-        .config(&name, -1, Duration::from_secs(1))
+        .config(&name, None, Duration::from_secs(1))
         .await
         .unwrap_err();
     assert_eq!(reason_of(&err), Some(Reason::Forbidden), "{err}");

@@ -96,9 +96,10 @@ async fn token_create_list_delete_and_user_data() {
     )
     .unwrap();
     let state = tether_agent::identity::StateDir::new(node.path().join("state"));
-    let id = tether_agent::enroll::enroll(node.path(), &state, Some(seed.clone()))
-        .await
-        .expect("enrolls against standalone's machine API");
+    let id =
+        tether_agent::enroll::enroll(node.path(), &state, Some(seed.clone()), &Default::default())
+            .await
+            .expect("enrolls against standalone's machine API");
     assert_eq!(id.enrolled.machine, "mac-525400000f01");
     let pool_of = op
         .kubectl(&[

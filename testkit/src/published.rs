@@ -1,12 +1,13 @@
 //! What a running operator publishes for machines: the machine API's URL and CA pin in the
-//! ConfigMap `tether-system/tether-machine-api`, read with the pinned kubectl (as a site
+//! ConfigMap `tether-system/tether-machine-api`, fetched with the pinned kubectl (as a site
 //! operator or tether-pxe would find them).
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL, NAMESPACE};
+use k8s_openapi::api::core::v1::ConfigMap;
+use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL, NAMESPACE, published};
 use tether_boot::CaPin;
 use tether_upstream::Component;
 
@@ -20,23 +21,31 @@ pub fn machine_api(kubeconfig: &Path, timeout: Duration) -> Result<(String, CaPi
         let out = Command::new(&kubectl)
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(["-n", NAMESPACE, "get", "configmap", CONFIG_MAP, "-o"])
-            .arg(format!(
-                "jsonpath={{.data.{KEY_URL}}} {{.data.{KEY_CA_PIN}}}"
-            ))
+            .args([
+                "-n",
+                NAMESPACE,
+                "get",
+                "configmap",
+                CONFIG_MAP,
+                "-o",
+                "json",
+            ])
             .output()
             .map_err(Error::io("run", &kubectl))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if let Some((url, pin)) = text.split_once(' ')
-            && !url.is_empty()
-        {
-            let pin = pin
-                .parse()
-                .map_err(|e: tether_boot::Error| Error::Command {
+        if out.status.success() {
+            let cm: ConfigMap =
+                serde_json::from_slice(&out.stdout).map_err(|e| Error::Command {
                     command: format!("read ConfigMap {CONFIG_MAP}"),
                     detail: e.to_string(),
                 })?;
-            return Ok((url.to_string(), pin));
+            // Published once both keys are there; then they must be valid.
+            let data = cm.data.clone().unwrap_or_default();
+            if data.contains_key(KEY_URL) && data.contains_key(KEY_CA_PIN) {
+                return published(&cm).map_err(|detail| Error::Command {
+                    command: format!("read ConfigMap {CONFIG_MAP}"),
+                    detail,
+                });
+            }
         }
         if Instant::now() > deadline {
             return Err(Error::NotReady {

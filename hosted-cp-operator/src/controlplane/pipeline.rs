@@ -217,6 +217,7 @@ async fn refuse(t: &Tenant<'_>, c: Condition) -> Result<Action, Error> {
     k::warn(
         &t.ctx.recorder,
         &t.tcp.object_ref(&()),
+        "Reconcile",
         &c.reason,
         &c.message,
     )

@@ -1,17 +1,20 @@
 //! `POST /v1/enroll`: token + CSR + facts → machine certificate.
 //!
-//! Order matters for "refusals create nothing" and "a power cut never strands a machine":
-//! 1. rate limit, body, token syntax, CSR (signature checked: the sender holds the key),
-//!    boot MAC — any failure is a refusal, nothing is read or written;
-//! 2. the token's record is admitted ([`TokenRecord::admit`]): a refusal (unknown, expired,
-//!    used up, other MAC) is a 403 and a Warning Event, nothing written;
-//! 3. the Machine is chosen (existing by MAC/UUID, else `mac-<hex>`) and the token is spent
-//!    for this key by compare-and-swap on its Secret — two nodes racing for a single-use
-//!    token cannot both win;
-//! 4. only then is the Machine created (if new), the certificate signed, and both recorded.
-//!
-//! A retry with the same key within the token's life is a replay: the same Machine, and the
-//! same certificate if it is on record. A crash between 3 and 4 is finished by that retry.
+//! The order is what makes "a refusal creates nothing", "a power cut never strands a machine"
+//! and "deleting a Machine revokes it" hold together:
+//! 1. [`check`]: rate limit, body, token syntax, CSR (its signature proves the sender holds
+//!    the key), boot MAC, UUID — any failure is a refusal, nothing is read or written;
+//! 2. [`Server::spend_token`], under an in-process lock per token: the token's record is
+//!    admitted ([`TokenRecord::admit`]); for a new enrollment the Machine is chosen
+//!    (existing by MAC, or by UUID if never enrolled, else `mac-<hex>`), checked against
+//!    the token ([`may_bind`]: nobody takes over an enrolled or pooled Machine with a
+//!    token not meant for it), created if missing, and only then the token is spent for
+//!    this key by compare-and-swap on its Secret. A refusal after the Machine was created
+//!    here deletes it again. A replay (the same key again) gets the Machine the token
+//!    enrolled — and is refused if that Machine was deleted since;
+//! 3. [`Server::record`]: the certificate (the one on record if it is for this key, else a
+//!    new one) is recorded by compare-and-swap on the Machine, so two retries racing cannot
+//!    leave the node holding a certificate that is not on record.
 
 use std::sync::Arc;
 
@@ -21,20 +24,32 @@ use axum::extract::State;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{Resource, ResourceExt};
 use tether_api::Machine;
-use tether_api::machine::MachineCertificate;
+use tether_api::machine::{Facts, MachineCertificate};
 use tether_api::machine_api::{CONFIG_MAP, EnrollRequest, EnrollResponse, Reason};
 use tether_api::token::{Admission, Refusal, TokenRecord};
-use tether_boot::{Mac, Token};
+use tether_boot::{Mac, Token, Uuid};
 use time::OffsetDateTime;
 
 use super::Server;
 use super::http::{Failure, read_json};
-use super::inventory::{Inventory, rfc3339};
+use super::inventory::{Inventory, Written, may_bind};
+use crate::kube::rfc3339;
 use crate::x509::Csr;
 
-/// How long enrollments may keep retrying a compare-and-swap on one token's record (a pool
-/// token that many machines spend at once); after each conflict, a jittered pause.
+/// How long enrollments may keep retrying a compare-and-swap on one token's record against
+/// other operator replicas; after each conflict, a jittered pause.
 const CAS_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+/// Compare-and-swap attempts on a Machine's certificate record.
+const RECORD_ATTEMPTS: usize = 8;
+
+/// What [`check`] accepted.
+pub struct Checked {
+    token: Token,
+    csr: Csr,
+    mac: Mac,
+    /// The node's UUID, unless it is a firmware placeholder (no identity).
+    uuid: Option<Uuid>,
+}
 
 /// The handler.
 pub async fn handle(
@@ -51,34 +66,21 @@ pub async fn handle(
         ));
     }
     let req: EnrollRequest = read_json(body).await?;
-    let (token, csr, mac) = check(&server, &req).await?;
-    let (name, record) = server
-        .spend_token(&token, mac, &csr, req.facts.uuid.as_deref())
-        .await?;
-    let inventory = Inventory::new(server.client.clone());
-    let now = OffsetDateTime::now_utc();
-    let machine = inventory
-        .ensure(&name, mac, &req.facts, &record)
-        .await
-        .map_err(Failure::internal)?;
+    let c = check(&server, &req).await?;
+    let machine = server.spend_token(&c, &req.facts).await?;
     let cert = server
-        .certificate_for(&machine, &csr, now)
-        .map_err(Failure::internal)?;
-    inventory
-        .record_enrollment(&machine, &req.facts, cert.clone(), now)
-        .await
-        .map_err(Failure::internal)?;
-    tracing::info!(machine = %name, %mac, token = token.id(), "enrolled");
+        .record(&machine.name_any(), &c.csr, &req.facts)
+        .await?;
+    tracing::info!(machine = %machine.name_any(), mac = %c.mac, token = c.token.id(), "enrolled");
     Ok(Json(EnrollResponse {
-        machine: name,
+        machine: machine.name_any(),
         certificate: cert.pem,
         ca: server.ca.cert_pem.clone(),
     }))
 }
 
-/// Everything about a request that can be judged without the cluster: token syntax, CSR
-/// (its signature proves the sender holds the key), boot MAC, UUID.
-async fn check(server: &Server, req: &EnrollRequest) -> Result<(Token, Csr, Mac), Failure> {
+/// Everything about a request that can be judged without the cluster.
+async fn check(server: &Server, req: &EnrollRequest) -> Result<Checked, Failure> {
     let token: Token = match req.token.parse() {
         Ok(t) => t,
         Err(e) => {
@@ -88,87 +90,169 @@ async fn check(server: &Server, req: &EnrollRequest) -> Result<(Token, Csr, Mac)
         }
     };
     let csr = Csr::parse(&req.csr).map_err(|e| Failure::new(Reason::BadRequest, e))?;
+    let bad = |e: tether_boot::Error| Failure::new(Reason::BadRequest, e.to_string());
     let mac: Mac = req
         .facts
         .boot_mac
         .as_deref()
         .ok_or_else(|| Failure::new(Reason::BadRequest, "facts.bootMac is required"))?
         .parse()
-        .map_err(|e: tether_boot::Error| Failure::new(Reason::BadRequest, e.to_string()))?;
-    if let Some(u) = &req.facts.uuid
-        && !is_uuid(u)
-    {
-        return Err(Failure::new(
-            Reason::BadRequest,
-            format!("facts.uuid {u:?} is not a lower-case UUID"),
-        ));
-    }
-    Ok((token, csr, mac))
+        .map_err(bad)?;
+    let uuid = match &req.facts.uuid {
+        Some(u) => Some(u.parse::<Uuid>().map_err(bad)?).filter(|u| !u.is_placeholder()),
+        None => None,
+    };
+    Ok(Checked {
+        token,
+        csr,
+        mac,
+        uuid,
+    })
 }
 
 impl Server {
-    /// Admits `token` for this node and, for a new enrollment, spends it by compare-and-swap
-    /// on its Secret. Returns the Machine the node is and the token's record. Spends of one
-    /// token are serialised in this process (a pool token that hundreds of machines spend at
-    /// once would otherwise mostly collide); the compare-and-swap still guards against other
-    /// operator replicas, retried with jittered pauses within [`CAS_BUDGET`].
-    async fn spend_token(
-        &self,
-        token: &Token,
-        mac: Mac,
-        csr: &Csr,
-        uuid: Option<&str>,
-    ) -> Result<(String, TokenRecord), Failure> {
-        let lock = self.spend_lock(token.id());
+    /// Admits the token for this node and returns the Machine it is; for a new enrollment,
+    /// makes sure the Machine exists and spends the token for this key (see the module
+    /// documentation for the order). Spends of one token are serialised in this process (a
+    /// pool token that hundreds of machines spend at once would otherwise mostly collide).
+    async fn spend_token(&self, c: &Checked, facts: &Facts) -> Result<Machine, Failure> {
+        let lock = self.spend_lock(c.token.id());
         let _held = lock.lock().await;
         let inventory = Inventory::new(self.client.clone());
         let deadline = std::time::Instant::now() + CAS_BUDGET;
         let mut conflicts = 0u32;
-        let unknown = || {
-            format!(
-                "token {} is unknown or its secret does not match",
-                token.id()
-            )
-        };
-        while std::time::Instant::now() < deadline {
-            let loaded = match self.tokens.get(token.id()).await {
+        // A Machine this attempt created: removed again if the enrollment is refused.
+        let mut created: Option<Machine> = None;
+        let result = loop {
+            if std::time::Instant::now() >= deadline {
+                break Err(Failure::new(
+                    Reason::Internal,
+                    "the token record kept changing; retry",
+                ));
+            }
+            let loaded = match self.tokens.get(c.token.id()).await {
                 Ok(Some(l)) => l,
-                Ok(None) => return Err(self.refuse(None, Reason::TokenInvalid, unknown()).await),
-                Err(e) => {
-                    tracing::warn!("token {}: {e}", token.id());
-                    return Err(self.refuse(None, Reason::TokenInvalid, unknown()).await);
+                Ok(None) | Err(crate::error::Error::Invalid(_)) => {
+                    let msg = format!(
+                        "token {} is unknown or its secret does not match",
+                        c.token.id()
+                    );
+                    break Err(self.refuse(None, Reason::TokenInvalid, msg).await);
                 }
+                Err(e) => break Err(Failure::internal(e)),
             };
+            let regarding = loaded.secret.object_ref(&());
             let now = OffsetDateTime::now_utc();
-            match loaded.record.admit(token, now, Some(mac), &csr.key_sha256) {
+            match loaded
+                .record
+                .admit(&c.token, now, Some(c.mac), &c.csr.key_sha256)
+            {
                 Err(r) => {
-                    let (reason, msg) = refusal(&r, &loaded.record, mac);
-                    let regarding = loaded.secret.object_ref(&());
-                    return Err(self.refuse(Some(regarding), reason, msg).await);
+                    let (reason, msg) = refusal(&r, &loaded.record, c.mac);
+                    break Err(self.refuse(Some(regarding), reason, msg).await);
                 }
-                Ok(Admission::Replay { machine }) => return Ok((machine, loaded.record)),
-                Ok(Admission::Spend) => {
-                    let name = inventory.bind(mac, uuid).await.map_err(Failure::internal)?;
-                    let mut spent = loaded.record.clone();
-                    spent.spend(&csr.key_sha256, &name);
-                    if self
-                        .tokens
-                        .replace(&loaded, &spent)
-                        .await
-                        .map_err(Failure::internal)?
-                    {
-                        tracing::info!(token = token.id(), machine = %name, %mac, "token spent");
-                        return Ok((name, spent));
+                Ok(Admission::Replay { machine }) => {
+                    break match inventory.get(&machine).await.map_err(Failure::internal)? {
+                        Some(m) => Ok(m),
+                        None => {
+                            let msg = format!(
+                                "token {} enrolled Machine {machine}, which was deleted since: deleting a Machine revokes it; enroll with a new token",
+                                c.token.id()
+                            );
+                            Err(self.refuse(Some(regarding), Reason::TokenUsedUp, msg).await)
+                        }
+                    };
+                }
+                Ok(Admission::Spend) => {}
+            }
+            let name = inventory
+                .bind(c.mac, c.uuid.as_ref())
+                .await
+                .map_err(Failure::internal)?;
+            let machine = match inventory.get(&name).await.map_err(Failure::internal)? {
+                Some(m) => {
+                    if let Err(msg) = may_bind(&m, &loaded.record) {
+                        break Err(self
+                            .refuse(Some(regarding), Reason::MachineClaimed, msg)
+                            .await);
                     }
-                    // Another replica spent or changed it meanwhile: decide again.
-                    conflicts += 1;
-                    tokio::time::sleep(cas_pause(conflicts)).await;
+                    m
                 }
+                None => match inventory
+                    .create(&name, c.mac, c.uuid.as_ref(), facts, &loaded.record)
+                    .await
+                    .map_err(Failure::internal)?
+                {
+                    Some(m) => {
+                        created = Some(m.clone());
+                        m
+                    }
+                    // Made by someone else a moment ago: decide again with it in sight.
+                    None => continue,
+                },
+            };
+            let mut spent = loaded.record.clone();
+            spent.spend(&c.csr.key_sha256, &name);
+            if self
+                .tokens
+                .replace(&loaded, &spent)
+                .await
+                .map_err(Failure::internal)?
+            {
+                tracing::info!(token = c.token.id(), machine = %name, mac = %c.mac, "token spent");
+                inventory
+                    .adopt(&machine, &spent)
+                    .await
+                    .map_err(Failure::internal)?;
+                created = None;
+                break Ok(machine);
+            }
+            // Another replica spent or changed it meanwhile: decide again, after a pause.
+            conflicts += 1;
+            tokio::time::sleep(cas_pause(conflicts)).await;
+        };
+        if let Some(m) = created {
+            inventory.undo_create(&m).await;
+        }
+        result
+    }
+
+    /// Records the certificate for `csr` on Machine `name` by compare-and-swap (a retry
+    /// racing the first request converges on one certificate) and returns it.
+    async fn record(
+        &self,
+        name: &str,
+        csr: &Csr,
+        facts: &Facts,
+    ) -> Result<MachineCertificate, Failure> {
+        let inventory = Inventory::new(self.client.clone());
+        for _ in 0..RECORD_ATTEMPTS {
+            let now = OffsetDateTime::now_utc();
+            let m = inventory
+                .get(name)
+                .await
+                .map_err(Failure::internal)?
+                .ok_or_else(|| {
+                    Failure::new(
+                        Reason::Forbidden,
+                        format!("Machine {name} was deleted while enrolling"),
+                    )
+                })?;
+            let cert = self
+                .certificate_for(&m, csr, now)
+                .map_err(Failure::internal)?;
+            if inventory
+                .record_enrollment(&m, facts, &cert, now)
+                .await
+                .map_err(Failure::internal)?
+                == Written::Yes
+            {
+                return Ok(cert);
             }
         }
         Err(Failure::new(
             Reason::Internal,
-            "the token record kept changing; retry",
+            format!("Machine {name} kept changing; retry"),
         ))
     }
 
@@ -222,16 +306,14 @@ impl Server {
             namespace: Some(self.namespace.clone()),
             ..Default::default()
         });
-        let event = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Warning,
-            reason: format!("{reason:?}"),
-            note: Some(message.chars().take(1000).collect()),
-            action: "Enroll".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &regarding).await {
-            tracing::debug!("publish event: {e}");
-        }
+        crate::kube::warn(
+            &self.recorder,
+            &regarding,
+            "Enroll",
+            &format!("{reason:?}"),
+            &message,
+        )
+        .await;
         Failure::new(reason, message)
     }
 }
@@ -266,33 +348,9 @@ fn refusal(r: &Refusal, record: &TokenRecord, mac: Mac) -> (Reason, String) {
     }
 }
 
-/// `8-4-4-4-12` lower-case hex.
-fn is_uuid(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
-        && parts.iter().all(|p| {
-            p.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uuids() {
-        assert!(is_uuid("4c4c4544-0000-1000-8000-000000000001"));
-        for bad in [
-            "",
-            "4C4C4544-0000-1000-8000-000000000001",
-            "4c4c4544-0000-1000-8000-00000000001",
-            "../../x",
-            "4c4c4544_0000-1000-8000-000000000001",
-        ] {
-            assert!(!is_uuid(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn refusal_messages_name_the_token_not_its_secret() {

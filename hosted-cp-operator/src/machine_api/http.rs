@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -29,6 +29,11 @@ use crate::error::Error;
 const MAX_CONNECTIONS: usize = 4096;
 /// Longest a TLS handshake may take.
 const HANDSHAKE: Duration = Duration::from_secs(10);
+/// Longest a request head or body may take to arrive: a slow or silent client gives its
+/// connection slot back.
+const READ: Duration = Duration::from_secs(10);
+/// Longest one connection is kept: agents reconnect, and no slot is held for ever.
+const CONNECTION_LIFE: Duration = Duration::from_secs(15 * 60);
 
 /// A refusal: HTTP status from the reason, JSON body.
 #[derive(Debug)]
@@ -43,10 +48,14 @@ impl Failure {
         })
     }
 
-    /// The operator failed (the cluster did not answer, …): logged, `Internal` to the node.
+    /// The operator failed (the cluster did not answer, …): logged here with its detail; the
+    /// caller, who may not even be enrolled, learns only that it may retry.
     pub fn internal(e: Error) -> Failure {
         tracing::warn!("machine API: {e}");
-        Failure::new(Reason::Internal, e.to_string())
+        Failure::new(
+            Reason::Internal,
+            "the operator could not complete the request; retry later",
+        )
     }
 }
 
@@ -60,7 +69,15 @@ impl IntoResponse for Failure {
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes.
 pub async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, Failure> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+    let read = tokio::time::timeout(READ, axum::body::to_bytes(body, MAX_BODY))
+        .await
+        .map_err(|_| {
+            Failure::new(
+                Reason::BadRequest,
+                format!("the body did not arrive within {READ:?}"),
+            )
+        })?;
+    let bytes = read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
@@ -187,11 +204,25 @@ pub async fn serve(
                     app.clone().oneshot(req.map(Body::new))
                 },
             );
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(60)))
+                .keep_alive_timeout(READ);
+            match tokio::time::timeout(
+                CONNECTION_LIFE,
+                builder.serve_connection(TokioIo::new(stream), svc),
+            )
+            .await
             {
-                tracing::debug!(%remote, "connection: {e}");
+                Ok(Err(e)) => tracing::debug!(%remote, "connection: {e}"),
+                Err(_) => tracing::debug!(%remote, "connection closed after {CONNECTION_LIFE:?}"),
+                Ok(Ok(())) => {}
             }
         });
     }

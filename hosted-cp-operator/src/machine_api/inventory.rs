@@ -1,41 +1,67 @@
 //! The Machine objects as the machine API reads and writes them: which Machine an enrolling
-//! node is, creating it, recording its certificate and reports, and the desired config.
-//! The decisions are pure functions ([`bind`], [`phase_after_enrollment`],
-//! [`phase_after_report`], [`desired`]); the rest is one API call each.
+//! node is, whether its token may have it, creating it, recording its certificate and
+//! reports, and the desired config. The decisions are pure functions ([`bind`],
+//! [`may_bind`], [`phase_after_enrollment`], [`phase_after_report`], [`desired`]); the rest
+//! is one API call each. Writes that replace what another writer may change at the same
+//! time (the certificate record, the conditions) carry the `resourceVersion` they were
+//! computed from and report a conflict instead of losing an update.
 
 use std::collections::BTreeMap;
 
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions,
+};
 use serde_json::json;
 use tether_api::machine::{AGENT_REACHABLE, Facts, MAC_LABEL, MachineCertificate, UUID_LABEL};
 use tether_api::machine_api::DesiredConfig;
-use tether_api::token::TokenRecord;
+use tether_api::token::{TokenKind, TokenRecord};
 use tether_api::{Machine, MachinePhase, MachineSpec};
-use tether_boot::Mac;
+use tether_boot::{Mac, Uuid};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::error::Error;
-use crate::kube::{condition, merge_conditions};
+use crate::kube::{condition, merge_conditions, rfc3339};
 
-/// RFC 3339 of `t`.
-pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
-}
-
-/// Which Machine a node is, given the Machines carrying its boot MAC and those carrying
-/// its UUID: the MAC decides (first by name, as tether-pxe picks); the UUID only when it
-/// names exactly one Machine (firmware that repeats UUIDs across boards exists); else a new
-/// Machine named after the MAC.
+/// Which Machine a node is, given the Machines carrying its boot MAC and the never-enrolled
+/// ones carrying its UUID: the MAC decides (first by name, as tether-pxe picks); the UUID
+/// only when it names exactly one Machine (firmware that repeats UUIDs across boards
+/// exists, and placeholders never get this far); else a new Machine named after the MAC.
 pub fn bind(mac: Mac, by_mac: &[String], by_uuid: &[String]) -> String {
-    if let Some(m) = by_mac.iter().min() {
-        return m.clone();
+    if let Some(m) = tether_api::machine::owner_of_mac(by_mac.iter().cloned()) {
+        return m;
     }
     if let [only] = by_uuid {
         return only.clone();
     }
     mac.machine_name()
+}
+
+/// Whether `token` may enroll a node as the existing Machine `m`. A Machine nobody enrolled
+/// and no pool claimed is anyone's with a valid token. Otherwise only a **boot** token —
+/// minted by tether-pxe for this MAC after it saw the MAC on its segment: the diskless
+/// machine rebooting — or a join token **of the Machine's own pool** may take it over; any
+/// other token would hand one machine's identity (and later its tenant's config) to
+/// whoever claims its MAC.
+pub fn may_bind(m: &Machine, token: &TokenRecord) -> Result<(), String> {
+    let enrolled = m.status.as_ref().is_some_and(|s| s.certificate.is_some());
+    let pool = m.spec.pool.as_deref();
+    if !enrolled && pool.is_none() {
+        return Ok(());
+    }
+    match (token.kind, pool, token.pool.as_deref()) {
+        (TokenKind::Boot, _, _) => Ok(()),
+        (TokenKind::Join, Some(p), Some(t)) if p == t => Ok(()),
+        _ => Err(format!(
+            "Machine {} is {} already; token {} may not take it over (its boot token, or a join token of its pool, may)",
+            m.name_any(),
+            match pool {
+                Some(p) => format!("in pool {p}"),
+                None => "enrolled".into(),
+            },
+            token.id
+        )),
+    }
 }
 
 /// The phase after a successful enrollment: a Machine that was only discovered (or given
@@ -59,22 +85,32 @@ pub fn phase_after_report(current: MachinePhase, reported: Option<MachinePhase>)
     }
 }
 
-/// The desired config of a Machine.
+/// The desired config of a Machine, versioned by its content.
 pub fn desired(m: &Machine, report_seconds: u32) -> DesiredConfig {
     DesiredConfig {
-        generation: m.metadata.generation.unwrap_or(1),
+        version: String::new(),
         machine: m.name_any(),
         phase: m.status.as_ref().map(|s| s.phase).unwrap_or_default(),
         pool: m.spec.pool.clone(),
         image: m.spec.image.clone(),
         report_seconds,
     }
+    .versioned()
 }
 
 /// Machine reads and writes.
 #[derive(Clone)]
 pub struct Inventory {
     api: Api<Machine>,
+}
+
+/// The outcome of a write that carries a `resourceVersion`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Done.
+    Yes,
+    /// The Machine changed since it was read: read again and recompute.
+    Conflict,
 }
 
 impl Inventory {
@@ -93,45 +129,51 @@ impl Inventory {
             .map_err(Error::kube(format!("get Machine {name}")))
     }
 
-    async fn names_with(&self, label: &str, value: &str) -> Result<Vec<String>, Error> {
+    async fn with_label(&self, label: &str, value: &str) -> Result<Vec<Machine>, Error> {
         let lp = ListParams::default().labels(&format!("{label}={value}"));
         Ok(self
             .api
             .list(&lp)
             .await
             .map_err(Error::kube(format!("list Machines with {label}={value}")))?
-            .items
-            .iter()
-            .map(|m| m.name_any())
-            .collect())
+            .items)
     }
 
     /// The Machine a node with `mac` and `uuid` is ([`bind`]).
-    pub async fn bind(&self, mac: Mac, uuid: Option<&str>) -> Result<String, Error> {
-        let by_mac = self.names_with(MAC_LABEL, &mac.dashed()).await?;
-        let by_uuid = match uuid {
-            Some(u) if by_mac.is_empty() => self.names_with(UUID_LABEL, u).await?,
+    pub async fn bind(&self, mac: Mac, uuid: Option<&Uuid>) -> Result<String, Error> {
+        let by_mac: Vec<String> = self
+            .with_label(MAC_LABEL, &mac.dashed())
+            .await?
+            .iter()
+            .map(|m| m.name_any())
+            .collect();
+        let by_uuid: Vec<String> = match uuid {
+            Some(u) if by_mac.is_empty() => self
+                .with_label(UUID_LABEL, u.as_str())
+                .await?
+                .iter()
+                .filter(|m| m.status.as_ref().is_none_or(|s| s.certificate.is_none()))
+                .map(|m| m.name_any())
+                .collect(),
             _ => Vec::new(),
         };
         Ok(bind(mac, &by_mac, &by_uuid))
     }
 
-    /// The Machine `name`, created if missing with the node's MAC, UUID and the token's pool
-    /// and labels. An existing Machine keeps its own labels and pool.
-    pub async fn ensure(
+    /// Creates Machine `name` for a node with `mac` and `facts`, with the token's pool and
+    /// labels; `Ok(None)` if it exists already (made a moment ago by tether-pxe or a retry).
+    pub async fn create(
         &self,
         name: &str,
         mac: Mac,
+        uuid: Option<&Uuid>,
         facts: &Facts,
         token: &TokenRecord,
-    ) -> Result<Machine, Error> {
-        if let Some(m) = self.get(name).await? {
-            return Ok(m);
-        }
+    ) -> Result<Option<Machine>, Error> {
         let mut labels: BTreeMap<String, String> = token.labels.clone();
         labels.insert(MAC_LABEL.into(), mac.dashed());
-        if let Some(u) = &facts.uuid {
-            labels.insert(UUID_LABEL.into(), u.clone());
+        if let Some(u) = uuid {
+            labels.insert(UUID_LABEL.into(), u.to_string());
         }
         let mut macs: Vec<String> = facts.nics.iter().map(|n| n.mac.clone()).collect();
         if !macs.contains(&mac.to_string()) {
@@ -145,8 +187,8 @@ impl Inventory {
             },
             spec: MachineSpec {
                 macs,
-                uuid: facts.uuid.clone(),
-                labels: token.labels.clone(),
+                uuid: uuid.map(|u| u.to_string()),
+                labels: BTreeMap::new(),
                 pool: token.pool.clone(),
                 image: None,
             },
@@ -159,26 +201,59 @@ impl Inventory {
         match self.api.create(&pp, &machine).await {
             Ok(m) => {
                 tracing::info!(machine = name, %mac, "created Machine at enrollment");
-                Ok(m)
+                Ok(Some(m))
             }
-            // tether-pxe (or a parallel retry) made it a moment ago.
-            Err(kube::Error::Api(e)) if e.code == 409 => self
-                .get(name)
-                .await?
-                .ok_or_else(|| Error::Invalid(format!("Machine {name} vanished while enrolling"))),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
             Err(e) => Err(Error::kube(format!("create Machine {name}"))(e)),
         }
     }
 
-    /// Records an enrollment: phase, facts, the certificate (the one it replaces stays
-    /// accepted until the new one is used), and the first sighting.
+    /// Gives an unclaimed Machine the token's pool and labels (a join token pre-assigns).
+    pub async fn adopt(&self, m: &Machine, token: &TokenRecord) -> Result<(), Error> {
+        if m.spec.pool.is_some() || (token.pool.is_none() && token.labels.is_empty()) {
+            return Ok(());
+        }
+        let patch = json!({
+            "metadata": {"labels": token.labels},
+            "spec": {"pool": token.pool},
+        });
+        self.api
+            .patch(
+                &m.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(Error::kube(format!("assign Machine {}", m.name_any())))?;
+        Ok(())
+    }
+
+    /// Deletes the Machine this enrollment created, when the enrollment was refused after
+    /// all (a refusal leaves nothing behind); only that very object, only while unenrolled.
+    pub async fn undo_create(&self, m: &Machine) {
+        if m.status.as_ref().is_some_and(|s| s.certificate.is_some()) {
+            return;
+        }
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: m.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = self.api.delete(&m.name_any(), &dp).await {
+            tracing::warn!(machine = %m.name_any(), "remove the Machine of a refused enrollment: {e}");
+        }
+    }
+
+    /// Records an enrollment of `m` (as read): phase, facts, the certificate, the sighting.
     pub async fn record_enrollment(
         &self,
         m: &Machine,
         facts: &Facts,
-        cert: MachineCertificate,
+        cert: &MachineCertificate,
         now: OffsetDateTime,
-    ) -> Result<(), Error> {
+    ) -> Result<Written, Error> {
         let status = m.status.clone().unwrap_or_default();
         let conditions = merge_conditions(
             &status.conditions,
@@ -197,20 +272,16 @@ impl Inventory {
             "lastSeen": rfc3339(now),
             "conditions": conditions,
         }});
-        self.patch_status(&m.name_any(), &patch).await
+        self.patch_status_at(m, patch).await
     }
 
-    /// Replaces the certificate record, failing with `Ok(false)` if the Machine changed since
-    /// `m` was read (two renewals racing: the caller reads again).
-    pub async fn record_certificate(
+    /// A merge patch of the status of `m`, valid only if `m` is still what was read.
+    pub async fn patch_status_at(
         &self,
         m: &Machine,
-        cert: &MachineCertificate,
-    ) -> Result<bool, Error> {
-        let patch = json!({
-            "metadata": {"resourceVersion": m.metadata.resource_version},
-            "status": {"certificate": cert},
-        });
+        mut patch: serde_json::Value,
+    ) -> Result<Written, Error> {
+        patch["metadata"] = json!({"resourceVersion": m.metadata.resource_version});
         match self
             .api
             .patch_status(
@@ -220,22 +291,13 @@ impl Inventory {
             )
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Ok(_) => Ok(Written::Yes),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Written::Conflict),
             Err(e) => Err(Error::kube(format!(
-                "record the certificate of Machine {}",
+                "update the status of Machine {}",
                 m.name_any()
             ))(e)),
         }
-    }
-
-    /// A merge patch of the status subresource.
-    pub async fn patch_status(&self, name: &str, patch: &serde_json::Value) -> Result<(), Error> {
-        self.api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map_err(Error::kube(format!("update the status of Machine {name}")))?;
-        Ok(())
     }
 
     /// Every Machine (for the reachability sweep).
@@ -252,6 +314,7 @@ impl Inventory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_api::MachineStatus;
 
     fn mac() -> Mac {
         "52:54:00:00:00:07".parse().unwrap()
@@ -274,6 +337,73 @@ mod tests {
                 "{by_mac:?} {by_uuid:?}"
             );
         }
+    }
+
+    #[test]
+    fn who_may_take_an_existing_machine() {
+        let t = tether_boot::Token::generate().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let hour = time::Duration::hours(1);
+        let boot = TokenRecord::boot(&t, mac(), now, hour);
+        let join = |pool: Option<&str>| {
+            TokenRecord::join(&t, now, hour, None, pool.map(String::from), BTreeMap::new())
+        };
+        let machine = |enrolled: bool, pool: Option<&str>| {
+            let mut m = Machine::new(
+                "m",
+                MachineSpec {
+                    pool: pool.map(String::from),
+                    ..Default::default()
+                },
+            );
+            m.status = Some(MachineStatus {
+                certificate: enrolled.then(MachineCertificate::default),
+                ..Default::default()
+            });
+            m
+        };
+        let cases = [
+            ("free, join", machine(false, None), join(None), true),
+            ("free, boot", machine(false, None), boot.clone(), true),
+            (
+                "enrolled, pool-less join",
+                machine(true, None),
+                join(None),
+                false,
+            ),
+            (
+                "enrolled, another pool's join",
+                machine(true, Some("a/x")),
+                join(Some("b/y")),
+                false,
+            ),
+            (
+                "enrolled, its pool's join",
+                machine(true, Some("a/x")),
+                join(Some("a/x")),
+                true,
+            ),
+            (
+                "pooled, unenrolled, pool-less join",
+                machine(false, Some("a/x")),
+                join(None),
+                false,
+            ),
+            (
+                "enrolled, boot token",
+                machine(true, Some("a/x")),
+                boot,
+                true,
+            ),
+        ];
+        for (name, m, tok, ok) in cases {
+            assert_eq!(may_bind(&m, &tok).is_ok(), ok, "{name}");
+        }
+        let err = may_bind(&machine(true, Some("a/x")), &join(None)).unwrap_err();
+        assert!(
+            err.contains("in pool a/x") && !err.contains(&t.to_string()),
+            "{err}"
+        );
     }
 
     #[test]

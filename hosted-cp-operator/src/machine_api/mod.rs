@@ -48,6 +48,12 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Field manager of the API's writes.
 pub const MANAGER: &str = "tether-machine-api";
 
+/// Defaults, one place for `Settings::new` and the command line.
+const CERT_LIFETIME: &str = "30d";
+const REPORT_SECONDS: u32 = 15;
+const ENROLL_RATE: f64 = 20.0;
+const ENROLL_BURST: u32 = 50;
+
 /// How the machine API runs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -70,14 +76,14 @@ impl Settings {
     /// Defaults for `listen` and `url`: 30-day certificates, 15 s reports, 20 enrollments a
     /// second with bursts of 50.
     pub fn new(listen: SocketAddr, url: String) -> Settings {
-        Settings {
-            listen,
-            url,
-            cert_lifetime: time::Duration::days(30),
-            report_seconds: 15,
-            enroll_rate: 20.0,
-            enroll_burst: 50,
+        let lifetime = humantime::parse_duration(CERT_LIFETIME).expect("a valid default");
+        Tuning {
+            machine_cert_lifetime: lifetime,
+            report_seconds: REPORT_SECONDS,
+            enroll_rate: ENROLL_RATE,
+            enroll_burst: ENROLL_BURST,
         }
+        .settings(listen, url)
     }
 }
 
@@ -85,17 +91,26 @@ impl Settings {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tuning {
     /// Machine certificate lifetime (agents renew at two thirds of it), e.g. `30d`, `12h`.
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = CERT_LIFETIME, value_parser = humantime::parse_duration)]
     pub machine_cert_lifetime: Duration,
     /// Seconds between agent reports; a machine is unreachable after three missed ones.
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    #[arg(long, default_value_t = REPORT_SECONDS, value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub report_seconds: u32,
     /// Enrollments per second the machine API accepts, on average.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = ENROLL_RATE, value_parser = positive_rate)]
     pub enroll_rate: f64,
     /// Enrollments accepted in a burst.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = ENROLL_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     pub enroll_burst: u32,
+}
+
+/// `--enroll-rate`: a finite number above zero (zero would refuse every machine after the
+/// first burst).
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a rate above zero")),
+    }
 }
 
 impl Tuning {
@@ -182,9 +197,16 @@ pub async fn start(
         waiters: Waiters::default(),
         spend_locks: Mutex::default(),
     });
-    waiters::spawn_watch(client, server.clone());
+    let watch = waiters::spawn_watch(client, server.clone());
     tracing::info!(url = %settings.url, listen = %local_addr, %pin, "machine API serving");
-    let task = tokio::spawn(http::serve(listener, tls, server, shutdown));
+    let serving = http::serve(listener, tls, server, shutdown);
+    // One task for both: if either ends, the API is not whole any more.
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            r = serving => r,
+            _ = watch => Err(Error::Invalid("the machine watch of the machine API ended".into())),
+        }
+    });
     Ok(Running {
         url: settings.url,
         pin,

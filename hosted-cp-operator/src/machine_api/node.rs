@@ -1,32 +1,35 @@
 //! The endpoints of an enrolled machine, `/v1/machines/{name}/…`: each one first checks that
 //! the client certificate names this Machine and is the one (or the one just replaced) on
 //! its record — a certificate reaches only its own Machine, and a deleted Machine's
-//! certificate reaches nothing.
+//! certificate reaches nothing — before it reads a body or keeps any state.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Extension, Path, Query, State};
-use serde::Deserialize;
+use axum::extract::{Extension, Path, RawQuery, State};
 use serde_json::json;
 use tether_api::Machine;
 use tether_api::machine::AGENT_REACHABLE;
 use tether_api::machine_api::{
     DesiredConfig, EnrollResponse, Reason, RenewRequest, StatusAck, StatusReport,
 };
-use time::OffsetDateTime;
 
 use super::Server;
 use super::certs::Peer;
 use super::http::{Failure, read_json};
-use super::inventory::{self, Inventory, rfc3339};
-use crate::kube::{condition, merge_conditions};
+use super::inventory::{self, Inventory, Written};
+use crate::kube::{condition, merge_conditions, now_rfc3339};
 use crate::x509::Csr;
 
 /// Longest a long-poll is held.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Conditions an agent may report (beyond it, the report is refused: a Machine object must
+/// not grow without bound).
+pub const MAX_AGENT_CONDITIONS: usize = 16;
+/// Compare-and-swap attempts on a Machine's status.
+const ATTEMPTS: usize = 8;
 
 /// Checks the caller may act as Machine `name`; returns the Machine as read now.
 async fn authorize(server: &Server, peer: &Option<Peer>, name: &str) -> Result<Machine, Failure> {
@@ -76,33 +79,47 @@ async fn authorize(server: &Server, peer: &Option<Peer>, name: &str) -> Result<M
     Ok(machine)
 }
 
-/// Query of the config long-poll.
-#[derive(Debug, Deserialize)]
-pub struct ConfigQuery {
-    /// Answer once the generation is greater than this (default: at once).
-    #[serde(default = "minus_one")]
-    after: i64,
-    /// Seconds to hold the request (at most [`MAX_WAIT`]).
-    #[serde(default = "thirty")]
-    timeout: u64,
+/// `version` and `timeout` of the long-poll's query (anything else is ignored; a malformed
+/// value is a JSON refusal like every other).
+fn parse_query(q: Option<&str>) -> Result<(Option<String>, Duration), Failure> {
+    let mut version = None;
+    let mut wait = Duration::from_secs(30);
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("version", v)) if v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                version = Some(v.to_string())
+            }
+            Some(("timeout", t)) => {
+                let secs: u64 = t.parse().map_err(|_| {
+                    Failure::new(
+                        Reason::BadRequest,
+                        format!("timeout={t:?} is not a number of seconds"),
+                    )
+                })?;
+                wait = Duration::from_secs(secs).min(MAX_WAIT);
+            }
+            Some(("version", v)) => {
+                return Err(Failure::new(
+                    Reason::BadRequest,
+                    format!("version={v:?} is not a config version"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok((version, wait))
 }
 
-fn minus_one() -> i64 {
-    -1
-}
-
-fn thirty() -> u64 {
-    30
-}
-
-/// `GET /v1/machines/{name}/config?after=G&timeout=S`
+/// `GET /v1/machines/{name}/config?version=V&timeout=S`: answers as soon as the desired
+/// config's version differs from V (at once without V), else with the current one after S.
 pub async fn config(
     State(server): State<Arc<Server>>,
     Extension(peer): Extension<Option<Peer>>,
     Path(name): Path<String>,
-    Query(q): Query<ConfigQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<DesiredConfig>, Failure> {
-    let wait = Duration::from_secs(q.timeout).min(MAX_WAIT);
+    let (known, wait) = parse_query(query.as_deref())?;
+    authorize(&server, &peer, &name).await?;
     let deadline = tokio::time::Instant::now() + wait;
     let notify = server.waiters.of(&name);
     loop {
@@ -112,7 +129,8 @@ pub async fn config(
         notified.as_mut().enable();
         let machine = authorize(&server, &peer, &name).await?;
         let cfg = inventory::desired(&machine, server.settings.report_seconds);
-        if cfg.generation > q.after || tokio::time::Instant::now() >= deadline {
+        if known.as_deref() != Some(cfg.version.as_str()) || tokio::time::Instant::now() >= deadline
+        {
             return Ok(Json(cfg));
         }
         tokio::select! {
@@ -129,14 +147,47 @@ pub async fn status(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Json<StatusAck>, Failure> {
-    let machine = authorize(&server, &peer, &name).await?;
+    authorize(&server, &peer, &name).await?;
     let report: StatusReport = read_json(body).await?;
-    let now = OffsetDateTime::now_utc();
+    if report.conditions.len() > MAX_AGENT_CONDITIONS {
+        return Err(Failure::new(
+            Reason::BadRequest,
+            format!("at most {MAX_AGENT_CONDITIONS} conditions"),
+        ));
+    }
+    let inventory = Inventory::new(server.client.clone());
+    for _ in 0..ATTEMPTS {
+        let machine = authorize(&server, &peer, &name).await?;
+        let patch = report_patch(&machine, &report, peer.as_ref());
+        if inventory
+            .patch_status_at(&machine, patch)
+            .await
+            .map_err(Failure::internal)?
+            == Written::Yes
+        {
+            return Ok(Json(StatusAck {
+                version: inventory::desired(&machine, server.settings.report_seconds).version,
+            }));
+        }
+    }
+    Err(Failure::new(
+        Reason::Internal,
+        format!("Machine {name} kept changing; retry"),
+    ))
+}
+
+/// The status patch for a report on `machine` (as read).
+fn report_patch(
+    machine: &Machine,
+    report: &StatusReport,
+    peer: Option<&Peer>,
+) -> serde_json::Value {
     let status = machine.status.clone().unwrap_or_default();
     let mut reported: Vec<_> = report
         .conditions
-        .into_iter()
+        .iter()
         .filter(|c| c.type_ != AGENT_REACHABLE)
+        .cloned()
         .collect();
     reported.push(condition(
         AGENT_REACHABLE,
@@ -147,27 +198,21 @@ pub async fn status(
     ));
     let mut patch = json!({"status": {
         "phase": inventory::phase_after_report(status.phase, report.phase),
-        "lastSeen": rfc3339(now),
+        "lastSeen": now_rfc3339(),
         "agentVersion": report.agent_version,
         "currentImage": report.image_version,
         "bootSlot": report.boot_slot,
         "conditions": merge_conditions(&status.conditions, reported),
     }});
-    // The new certificate is in use: the one it replaced is accepted no more.
-    if let (Some(cert), Some(p)) = (&status.certificate, &peer)
+    // The new certificate is in use: the one it replaced is accepted no more. (A merge patch
+    // removes a field only when it says null.)
+    if let (Some(cert), Some(p)) = (&status.certificate, peer)
         && cert.sha256 == p.sha256
         && cert.previous_sha256.is_some()
     {
-        // A merge patch removes a field only when it says null.
         patch["status"]["certificate"] = json!({"previousSha256": null});
     }
-    Inventory::new(server.client.clone())
-        .patch_status(&name, &patch)
-        .await
-        .map_err(Failure::internal)?;
-    Ok(Json(StatusAck {
-        generation: machine.metadata.generation.unwrap_or(1),
-    }))
+    patch
 }
 
 /// `POST /v1/machines/{name}/renew`
@@ -177,22 +222,26 @@ pub async fn renew(
     Path(name): Path<String>,
     body: Body,
 ) -> Result<Json<EnrollResponse>, Failure> {
+    authorize(&server, &peer, &name).await?;
     let req: RenewRequest = read_json(body).await?;
     let csr = Csr::parse(&req.csr).map_err(|e| Failure::new(Reason::BadRequest, e))?;
     let inventory = Inventory::new(server.client.clone());
-    for _ in 0..4 {
+    for _ in 0..ATTEMPTS {
         let machine = authorize(&server, &peer, &name).await?;
-        let now = OffsetDateTime::now_utc();
+        let now = time::OffsetDateTime::now_utc();
         let cert = server
             .certificate_for(&machine, &csr, now)
             .map_err(Failure::internal)?;
-        let unchanged = machine.status.as_ref().and_then(|s| s.certificate.as_ref()) == Some(&cert);
-        if unchanged
-            || inventory
-                .record_certificate(&machine, &cert)
+        let recorded = machine.status.as_ref().and_then(|s| s.certificate.as_ref());
+        let written = if recorded == Some(&cert) {
+            Written::Yes
+        } else {
+            inventory
+                .patch_status_at(&machine, json!({"status": {"certificate": cert}}))
                 .await
                 .map_err(Failure::internal)?
-        {
+        };
+        if written == Written::Yes {
             tracing::info!(machine = %name, "machine certificate renewed");
             return Ok(Json(EnrollResponse {
                 machine: name,
@@ -203,6 +252,31 @@ pub async fn renew(
     }
     Err(Failure::new(
         Reason::Internal,
-        "the Machine kept changing; retry",
+        format!("Machine {name} kept changing; retry"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_poll_queries() {
+        let ok = |q: &str| parse_query(Some(q)).unwrap();
+        assert_eq!(ok(""), (None, Duration::from_secs(30)));
+        assert_eq!(
+            ok("version=ab12&timeout=5"),
+            (Some("ab12".into()), Duration::from_secs(5))
+        );
+        assert_eq!(ok("timeout=9999").1, MAX_WAIT);
+        assert_eq!(ok("other=x").0, None);
+        for bad in [
+            "timeout=soon",
+            "version=zz",
+            &format!("version={}", "a".repeat(65)),
+        ] {
+            let err = parse_query(Some(bad)).unwrap_err();
+            assert_eq!(err.0.reason, Reason::BadRequest, "{bad}");
+        }
+    }
 }

@@ -16,6 +16,7 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct Tokens {
     api: Api<Secret>,
+    namespace: String,
 }
 
 /// A record and the resourceVersion it was read at (for compare-and-swap).
@@ -31,6 +32,7 @@ impl Tokens {
     pub fn new(client: kube::Client, namespace: &str) -> Tokens {
         Tokens {
             api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
         }
     }
 
@@ -54,7 +56,7 @@ impl Tokens {
     /// Writes `record` over what `loaded` read; `Ok(false)` if someone wrote in between.
     pub async fn replace(&self, loaded: &Loaded, record: &TokenRecord) -> Result<bool, Error> {
         let name = token::secret_name(&record.id);
-        let mut secret = record.to_secret(&self.api_namespace(loaded));
+        let mut secret = record.to_secret(&self.namespace);
         secret.metadata.resource_version = loaded.secret.metadata.resource_version.clone();
         secret.metadata.labels = loaded.secret.metadata.labels.clone();
         match self
@@ -68,14 +70,9 @@ impl Tokens {
         }
     }
 
-    fn api_namespace(&self, loaded: &Loaded) -> String {
-        loaded.secret.namespace().unwrap_or_default()
-    }
-
     /// Creates a join token; returns it (the only time its secret half is seen).
     pub async fn create_join(
         &self,
-        namespace: &str,
         ttl: time::Duration,
         uses: Option<u32>,
         pool: Option<String>,
@@ -87,7 +84,7 @@ impl Tokens {
         let token = Token::generate().map_err(|e| Error::Invalid(e.to_string()))?;
         let record = TokenRecord::join(&token, OffsetDateTime::now_utc(), ttl, uses, pool, labels);
         self.api
-            .create(&PostParams::default(), &record.to_secret(namespace))
+            .create(&PostParams::default(), &record.to_secret(&self.namespace))
             .await
             .map_err(Error::kube("create token Secret"))?;
         Ok(token)

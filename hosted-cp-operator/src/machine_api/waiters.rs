@@ -18,14 +18,13 @@ use super::Server;
 pub struct Waiters(Mutex<HashMap<String, Arc<Notify>>>);
 
 impl Waiters {
-    /// The `Notify` of `machine` (made on first use).
+    /// The `Notify` of `machine` (made on first use; only authorised callers get here).
+    /// Entries nobody waits on any more are dropped, so the map is as large as the number
+    /// of long-polls in flight.
     pub fn of(&self, machine: &str) -> Arc<Notify> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(machine.to_string())
-            .or_default()
-            .clone()
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, n| Arc::strong_count(n) > 1);
+        map.entry(machine.to_string()).or_default().clone()
     }
 
     fn wake(&self, machine: &str, gone: bool) {
@@ -39,8 +38,9 @@ impl Waiters {
     }
 }
 
-/// Watches Machines for the lifetime of the process, waking their long-polls.
-pub fn spawn_watch(client: kube::Client, server: Arc<Server>) {
+/// Watches Machines, waking their long-polls; runs as long as the API (it retries API errors
+/// with backoff, so it ends only if the watch stream itself ends).
+pub fn spawn_watch(client: kube::Client, server: Arc<Server>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let api: Api<Machine> = Api::all(client);
         let mut events = watcher(api, watcher::Config::default())
@@ -56,5 +56,5 @@ pub fn spawn_watch(client: kube::Client, server: Arc<Server>) {
                 Err(e) => tracing::debug!("machine watch: {e}"),
             }
         }
-    });
+    })
 }

@@ -80,7 +80,9 @@ pub async fn run(client: kube::Client, report_seconds: u32) {
                 )],
             );
             let patch = json!({"status": {"conditions": conditions}});
-            if let Err(e) = inventory.patch_status(&m.name_any(), &patch).await {
+            // Written against what was read: a report that landed meanwhile wins (a
+            // conflict), and the next sweep looks again.
+            if let Err(e) = inventory.patch_status_at(&m, patch).await {
                 tracing::debug!("reachability sweep: {e}");
             }
         }

@@ -23,7 +23,8 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use tether_api::machine_api::{CONFIG_MAP, KEY_CA_PIN, KEY_URL};
+use tether_api::machine::MAC_LABEL;
+use tether_api::machine_api::CONFIG_MAP;
 use tether_api::token::{KIND_LABEL, TokenKind, TokenRecord};
 use tether_api::{BootImage, Machine, MachinePhase, MachineSpec, MachineStatus};
 use tether_boot::{CaPin, Mac, Token};
@@ -34,8 +35,6 @@ use super::{Assignment, BootSource};
 use crate::error::{Error, Result};
 use crate::script::Enrollment;
 
-/// Label carrying a machine's (boot) MAC.
-pub const MAC_LABEL: &str = "tether.dev/mac";
 /// Label on the boot tokens a server minted: its id (by default its address on the segment).
 pub const SERVER_LABEL: &str = "tether.dev/pxe-server";
 /// How long a boot token works: a TCG VM needs minutes from script to enrollment; a real
@@ -106,29 +105,12 @@ impl KubeSource {
                      --api-url and --ca-pin stand in for it)"
                 ))
             })?;
-        let data = cm.data.unwrap_or_default();
-        let key = |k: &str| {
-            data.get(k).map(|v| v.trim().to_string()).ok_or_else(|| {
-                Error::Unpublished(format!("ConfigMap {ns}/{CONFIG_MAP} has no key {k}"))
-            })
-        };
-        let bad = |k: &str, e: tether_boot::Error| {
-            Error::Unpublished(format!("ConfigMap {ns}/{CONFIG_MAP} key {k}: {e}"))
-        };
-        let url = match &self.opts.api_url {
-            Some(u) => u.clone(),
-            None => {
-                let u = key(KEY_URL)?;
-                tether_boot::cmdline::check_url(tether_boot::cmdline::API, &u)
-                    .map_err(|e| bad(KEY_URL, e))?;
-                u
-            }
-        };
-        let pin = match self.opts.ca_pin {
-            Some(p) => p,
-            None => key(KEY_CA_PIN)?.parse().map_err(|e| bad(KEY_CA_PIN, e))?,
-        };
-        Ok((url, pin))
+        let (url, pin) = tether_api::machine_api::published(&cm)
+            .map_err(|e| Error::Unpublished(format!("{ns}/{e}")))?;
+        Ok((
+            self.opts.api_url.clone().unwrap_or(url),
+            self.opts.ca_pin.unwrap_or(pin),
+        ))
     }
 
     /// Finds the machine with `mac`; when there is none and `create` is set, creates it
@@ -140,7 +122,8 @@ impl KubeSource {
             .list(&lp)
             .await
             .map_err(Error::kube(format!("list machines with MAC {mac}")))?;
-        if let Some(m) = list.items.into_iter().min_by_key(|m| m.name_any()) {
+        let owner = tether_api::machine::owner_of_mac(list.items.iter().map(|m| m.name_any()));
+        if let Some(m) = list.items.into_iter().find(|m| Some(m.name_any()) == owner) {
             return Ok((m, false));
         }
         if !create {
