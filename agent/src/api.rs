@@ -57,11 +57,17 @@ impl MachineApi {
         self.post("enrollment", ENROLL_PATH, req).await
     }
 
-    /// `GET /v1/machines/{m}/config?after=G&timeout=S`: returns when the generation passes
-    /// `after`, or with the current config after `wait`.
-    pub async fn config(&self, machine: &str, after: i64, wait: Duration) -> Result<DesiredConfig> {
+    /// `GET /v1/machines/{m}/config?version=V&timeout=S`: returns as soon as the config's
+    /// version differs from `known` (at once without it), else the current one after `wait`.
+    pub async fn config(
+        &self,
+        machine: &str,
+        known: Option<&str>,
+        wait: Duration,
+    ) -> Result<DesiredConfig> {
+        let version = known.map(|v| format!("version={v}&")).unwrap_or_default();
         let url = format!(
-            "{}{}?after={after}&timeout={}",
+            "{}{}?{version}timeout={}",
             self.base,
             machine_api::config_path(machine),
             wait.as_secs()

@@ -15,8 +15,9 @@ pub fn plausible(now: SystemTime) -> bool {
         .unwrap_or(false)
 }
 
-/// Returns once the clock is plausible, logging once while it is not.
-pub async fn wait_plausible(poll: Duration) {
+/// Returns once the clock is plausible, logging once while it is not; `tick` runs at every
+/// poll (the service counts waiting as progress for its watchdog).
+pub async fn wait_plausible(poll: Duration, tick: impl Fn()) {
     let mut said = false;
     while !plausible(SystemTime::now()) {
         if !said {
@@ -26,6 +27,7 @@ pub async fn wait_plausible(poll: Duration) {
             );
             said = true;
         }
+        tick();
         tokio::time::sleep(poll).await;
     }
     if said {

@@ -22,6 +22,7 @@ use crate::api::MachineApi;
 use crate::error::Result;
 use crate::identity::{self, Enrolled, Identity, StateDir};
 use crate::inputs::{self, Inputs};
+use crate::notify::Notifier;
 use crate::{clock, facts};
 
 /// A named step of enrollment.
@@ -71,8 +72,14 @@ async fn enter(phase: Phase) {
     }
 }
 
-/// Enrolls once: `seed` if given, else the inputs found below `root`.
-pub async fn enroll(root: &Path, state: &StateDir, seed: Option<Seed>) -> Result<Identity> {
+/// Enrolls once: `seed` if given, else the inputs found below `root`. `notify` hears of
+/// the phases (and of progress while the clock is waited for).
+pub async fn enroll(
+    root: &Path,
+    state: &StateDir,
+    seed: Option<Seed>,
+    notify: &Notifier,
+) -> Result<Identity> {
     enter(Phase::Inputs).await;
     let inputs = match seed {
         Some(seed) => Inputs {
@@ -85,7 +92,7 @@ pub async fn enroll(root: &Path, state: &StateDir, seed: Option<Seed>) -> Result
     tracing::info!(api = %inputs.seed.api, pin = %inputs.seed.ca_pin, token_id = inputs.seed.token.id(), "enrolling with inputs from {}", inputs.origin);
 
     enter(Phase::Clock).await;
-    clock::wait_plausible(Duration::from_secs(1)).await;
+    clock::wait_plausible(Duration::from_secs(1), || notify.beat()).await;
 
     enter(Phase::Key).await;
     let key = state.key()?;

@@ -209,14 +209,18 @@ impl StateDir {
     /// certificate (the Machine was deleted): a new enrollment proves a new key, so a replay
     /// cannot bring back what an administrator removed.
     pub fn forget(&self) -> Result<()> {
-        for name in [ENROLLED, KEY, NEW_KEY] {
+        // Keys first: a kill half-way leaves an enrollment without its key, which `load`
+        // ignores — never the old key, which a new enrollment would replay.
+        for name in [KEY, NEW_KEY, ENROLLED] {
             match std::fs::remove_file(self.file(name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(Error::io("remove", self.file(name))(e)),
             }
         }
-        Ok(())
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Error::io("sync", &self.dir))
     }
 
     /// Drops only the saved enrollment, keeping the key (what a crash before the save leaves;

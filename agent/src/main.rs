@@ -97,7 +97,7 @@ async fn main() -> ExitCode {
                     println!("already enrolled as {}", id.enrolled.machine);
                     Ok(())
                 }
-                (Ok(seed), _) => enroll::enroll(&root, &state, seed)
+                (Ok(seed), _) => enroll::enroll(&root, &state, seed, &Notifier::default())
                     .await
                     .map(|id| println!("enrolled as {}", id.enrolled.machine))
                     .map_err(|e| e.to_string()),

@@ -60,6 +60,20 @@ impl Notifier {
         ))
     }
 
+    /// Waits `d` on purpose (a backoff, the clock): in slices short enough for the
+    /// watchdog, each one counted as progress.
+    pub async fn sleep(&self, d: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            self.beat();
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep((deadline - now).min(Duration::from_secs(10))).await;
+        }
+    }
+
     /// `STOPPING=1`.
     pub fn stopping(&self) {
         let _ = sd_notify::notify(&[NotifyState::Stopping]);

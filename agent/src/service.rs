@@ -93,7 +93,7 @@ impl Service {
                 Err(e) => tracing::warn!("reading the state directory: {e}"),
             }
             self.notify.status("enrolling");
-            match enroll::enroll(&self.root, &self.state, None).await {
+            match enroll::enroll(&self.root, &self.state, None, &self.notify).await {
                 Ok(id) => return id,
                 Err(e) => {
                     // Network trouble at boot clears in seconds: retry soon. A refusal needs a
@@ -106,7 +106,7 @@ impl Service {
                     let wait = backoff(attempt, cap);
                     tracing::error!(retry_in_s = wait.as_secs(), "enrollment failed: {e}");
                     self.notify.status(&format!("enrollment failed: {e}"));
-                    tokio::time::sleep(wait).await;
+                    self.notify.sleep(wait).await;
                     attempt += 1;
                 }
             }
@@ -121,14 +121,14 @@ impl Service {
             Err(e) => return Exit::Revoked(format!("cannot use the saved identity: {e}")),
         };
         self.notify.status(&format!("enrolled as {machine}"));
-        let mut generation = 0i64;
+        let mut version: Option<String> = None;
         let mut report_every = DEFAULT_REPORT;
         let mut report_at = tokio::time::Instant::now();
         let mut failures = 0u32;
         let mut poll = Box::pin(poll_config(
             api.clone(),
             machine.clone(),
-            generation,
+            None,
             Duration::ZERO,
         ));
         loop {
@@ -141,13 +141,13 @@ impl Service {
                     match r {
                         Ok(config) => {
                             failures = 0;
-                            if config.generation != generation {
-                                tracing::info!(generation = config.generation, phase = ?config.phase, pool = ?config.pool, "desired config");
+                            if version.as_deref() != Some(config.version.as_str()) {
+                                tracing::info!(version = %config.version, phase = ?config.phase, pool = ?config.pool, "desired config");
                             }
-                            generation = config.generation;
+                            version = Some(config.version.clone());
                             report_every = Duration::from_secs(config.report_seconds.max(1).into());
                             self.notify.beat();
-                            poll = Box::pin(poll_config(api.clone(), machine.clone(), generation, Duration::ZERO));
+                            poll = Box::pin(poll_config(api.clone(), machine.clone(), version.clone(), Duration::ZERO));
                         }
                         Err(e) => {
                             if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
@@ -155,13 +155,13 @@ impl Service {
                             failures += 1;
                             tracing::warn!(retry_in_s = wait.as_secs(), "config long-poll: {e}");
                             self.notify.beat();
-                            poll = Box::pin(poll_config(api.clone(), machine.clone(), generation, wait));
+                            poll = Box::pin(poll_config(api.clone(), machine.clone(), version.clone(), wait));
                         }
                     }
                 }
                 _ = tokio::time::sleep_until(report_at) => {
                     self.notify.beat();
-                    match api.status(&machine, &self.report(&id)).await {
+                    match api.status(&machine, &self.report()).await {
                         Ok(_) => {}
                         Err(e) => {
                             if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
@@ -179,12 +179,12 @@ impl Service {
                                 Ok(a) => api = a,
                                 Err(e) => return Exit::Revoked(format!("cannot use the renewed identity: {e}")),
                             }
-                            poll = Box::pin(poll_config(api.clone(), machine.clone(), generation, Duration::ZERO));
+                            poll = Box::pin(poll_config(api.clone(), machine.clone(), version.clone(), Duration::ZERO));
                         }
                         Err(e) => {
                             if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
                             tracing::warn!("certificate renewal: {e}; retrying in 30 s");
-                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            self.notify.sleep(Duration::from_secs(30)).await;
                         }
                     }
                 }
@@ -192,8 +192,7 @@ impl Service {
         }
     }
 
-    fn report(&self, id: &Identity) -> StatusReport {
-        let _ = id;
+    fn report(&self) -> StatusReport {
         StatusReport {
             phase: Some(MachinePhase::Enrolled),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -229,11 +228,11 @@ impl Service {
 async fn poll_config(
     api: MachineApi,
     machine: String,
-    after: i64,
+    known: Option<String>,
     delay: Duration,
 ) -> Result<tether_api::machine_api::DesiredConfig> {
     tokio::time::sleep(delay).await;
-    api.config(&machine, after, LONG_POLL).await
+    api.config(&machine, known.as_deref(), LONG_POLL).await
 }
 
 /// A refusal that means this identity is over.

@@ -176,3 +176,84 @@ fn crypto<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
         detail: e.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+
+    struct Ca {
+        der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key).unwrap();
+        Ca {
+            der: cert.der().clone(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    fn leaf(by: &Ca, ip: &str) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![]).unwrap();
+        p.subject_alt_names = vec![SanType::IpAddress(ip.parse().unwrap())];
+        p.signed_by(&key, &by.issuer).unwrap().der().clone()
+    }
+
+    fn verify(
+        pin: CaPin,
+        end: &CertificateDer<'_>,
+        rest: &[CertificateDer<'_>],
+    ) -> Result<(), String> {
+        let v = PinnedVerifier::new(pin);
+        let name = ServerName::IpAddress(rustls::pki_types::IpAddr::from(
+            "10.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+        ));
+        v.verify_server_cert(end, rest, &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| {
+                assert!(
+                    v.refusal().is_some(),
+                    "a refusal is remembered for the error"
+                );
+                e.to_string()
+            })
+    }
+
+    #[test]
+    fn only_the_pinned_ca_and_a_leaf_it_signed_for_this_name_pass() {
+        let pinned = ca("pinned");
+        let other = ca("other");
+        let pin = CaPin::of_certificate_der(&pinned.der).unwrap();
+        let good = leaf(&pinned, "10.0.0.1");
+        assert_eq!(
+            verify(pin, &good, std::slice::from_ref(&pinned.der)),
+            Ok(())
+        );
+
+        // Someone else's server, however complete its chain.
+        let theirs = leaf(&other, "10.0.0.1");
+        let err = verify(pin, &theirs, std::slice::from_ref(&other.der)).unwrap_err();
+        assert!(
+            err.contains("matches the pin") && err.contains("sha256:"),
+            "{err}"
+        );
+        // The pinned CA is public: presenting it beside a leaf it did not sign is no use.
+        let err = verify(pin, &theirs, std::slice::from_ref(&pinned.der)).unwrap_err();
+        assert!(
+            err.contains("does not verify against the pinned CA"),
+            "{err}"
+        );
+        // A leaf of the pinned CA for another address.
+        let elsewhere = leaf(&pinned, "10.0.0.2");
+        assert!(verify(pin, &elsewhere, std::slice::from_ref(&pinned.der)).is_err());
+        // The CA itself as the server certificate.
+        assert!(verify(pin, &pinned.der, &[]).is_err());
+    }
+}

@@ -27,6 +27,8 @@ pub const SEED_DIRS: &[&str] = &[
 ];
 /// Volume labels of a NoCloud seed disk.
 pub const LABELS: &[&str] = &["cidata", "CIDATA"];
+/// Largest `user-data` or `meta-data` read over HTTP.
+pub const MAX_SEED_DOCUMENT: usize = 64 * 1024;
 /// Where a seed volume is mounted while it is read.
 pub const MOUNT_POINT: &str = "/run/tether/cidata";
 
@@ -137,7 +139,16 @@ async fn fetch_seed(root: &Path, uri: &str) -> std::result::Result<Documents, St
             if !r.status().is_success() {
                 return Err(format!("GET {url}: {}", r.status()));
             }
-            r.text().await.map_err(|e| format!("GET {url}: {e}"))
+            // A seed is a few hundred bytes; an endless body must not fill the node's memory.
+            let mut body = Vec::new();
+            let mut r = r;
+            while let Some(chunk) = r.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_SEED_DOCUMENT {
+                    return Err(format!("GET {url}: more than {MAX_SEED_DOCUMENT} bytes"));
+                }
+            }
+            String::from_utf8(body).map_err(|_| format!("GET {url}: not UTF-8"))
         }
     };
     Ok(Documents {
