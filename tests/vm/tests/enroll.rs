@@ -328,8 +328,14 @@ async fn enrollment_survives_sigkill_in_every_phase() {
             }
         }
         let status = child.wait().unwrap();
-        let hit = last.unwrap_or("inputs");
-        eprintln!("kill {i:2}: aimed at {target:8} hit {hit:8} after {delay:3} ms ({status})");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "kill {i}: the agent ended on its own ({status}) before the kill"
+        );
+        let hit = last.expect("the agent announced a phase before it was killed");
+        eprintln!("kill {i:2}: aimed at {target:8} hit {hit:8} after {delay:3} ms");
         hits.push(hit);
     }
     let distinct: BTreeSet<&str> = hits.iter().copied().collect();

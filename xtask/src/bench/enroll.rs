@@ -160,7 +160,7 @@ fn storm(
             tasks.spawn(async move {
                 let t = Instant::now();
                 let state = StateDir::new(root.join("state"));
-                tether_agent::enroll::enroll(&root, &state, Some(seed))
+                tether_agent::enroll::enroll(&root, &state, Some(seed), &Default::default())
                     .await
                     .map(|_| t.elapsed())
                     .map_err(|e| e.to_string())
