@@ -67,11 +67,14 @@ impl Builder {
         let ldflags = module.ldflags(version)?;
         let out_arg = out.to_string_lossy().into_owned();
         let package = component.package();
-        self.go(
+        self.go_build(
             &work,
+            module.cgo(),
             &[
                 "build",
                 "-trimpath",
+                "-tags",
+                module.tags(),
                 "-ldflags",
                 &ldflags,
                 "-o",
@@ -150,6 +153,11 @@ impl Builder {
 
     /// Runs `go` in `dir` with the environment every build uses; returns stdout.
     fn go(&self, dir: &Path, args: &[&str]) -> Result<String> {
+        self.go_build(dir, false, args)
+    }
+
+    /// [`Builder::go`] with cgo on or off (on only for modules that need C).
+    fn go_build(&self, dir: &Path, cgo: bool, args: &[&str]) -> Result<String> {
         let output = Command::new(&self.go)
             .args(args)
             .current_dir(dir)
@@ -158,7 +166,7 @@ impl Builder {
             .env("GOFLAGS", "-mod=mod -buildvcs=false")
             .env("GOTOOLCHAIN", "local")
             .env("GOWORK", "off")
-            .env("CGO_ENABLED", "0")
+            .env("CGO_ENABLED", if cgo { "1" } else { "0" })
             .output()
             .map_err(|e| Error::Go {
                 args: args.join(" "),

@@ -177,6 +177,11 @@ pub const PACKAGES: &[&str] = &[
     // to cross-check the CA pin the way kubeadm documents it.
     "postgresql",
     "openssl",
+    // runc is built with cgo and linked statically with libseccomp.
+    "gcc",
+    "libc6-dev",
+    "libseccomp-dev",
+    "pkg-config",
 ];
 
 /// Packages that must come from backports when the host already runs backports' qemu

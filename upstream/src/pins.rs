@@ -15,6 +15,18 @@ pub struct Pins {
     pub etcd: &'static str,
     /// kine, which puts a PostgreSQL database behind the etcd API.
     pub kine: &'static str,
+    /// containerd (2.x: Kubernetes 1.36 dropped containerd 1.x), its runc shim and `ctr`.
+    pub containerd: &'static str,
+    /// runc, the OCI runtime containerd's shim runs.
+    pub runc: &'static str,
+    /// The CNI reference plugins (bridge, host-local, loopback, portmap).
+    pub cni_plugins: &'static str,
+    /// CoreDNS, the tenant's cluster DNS.
+    pub coredns: &'static str,
+    /// CNCF distribution's `registry`, the management plane's artifact store.
+    pub registry: &'static str,
+    /// go-containerregistry's `crane`, which builds and pushes images without a daemon.
+    pub crane: &'static str,
 }
 
 impl Pins {
@@ -26,6 +38,12 @@ impl Pins {
             kubernetes_previous: "v1.35.4",
             etcd: "v3.6.16",
             kine: "v0.17.5",
+            containerd: "v2.4.2",
+            runc: "v1.5.3",
+            cni_plugins: "v1.10.0",
+            coredns: "v1.14.7",
+            registry: "v3.1.2",
+            crane: "v0.22.1",
         }
     }
 
@@ -37,6 +55,12 @@ impl Pins {
             Module::Konnectivity => konnectivity_for(kubernetes)?.to_string(),
             Module::EtcdServer | Module::Etcdctl => self.etcd.to_string(),
             Module::Kine => self.kine.to_string(),
+            Module::Containerd => self.containerd.to_string(),
+            Module::Runc => self.runc.to_string(),
+            Module::CniPlugins => self.cni_plugins.to_string(),
+            Module::Coredns => self.coredns.to_string(),
+            Module::Distribution => self.registry.to_string(),
+            Module::Crane => self.crane.to_string(),
         })
     }
 
@@ -100,6 +124,18 @@ pub enum Module {
     Etcdctl,
     /// `github.com/k3s-io/kine`.
     Kine,
+    /// `github.com/containerd/containerd/v2`.
+    Containerd,
+    /// `github.com/opencontainers/runc` (cgo: its namespace setup is C).
+    Runc,
+    /// `github.com/containernetworking/plugins`.
+    CniPlugins,
+    /// `github.com/coredns/coredns`.
+    Coredns,
+    /// `github.com/distribution/distribution/v3`.
+    Distribution,
+    /// `github.com/google/go-containerregistry`.
+    Crane,
 }
 
 impl Module {
@@ -111,6 +147,12 @@ impl Module {
             Module::EtcdServer => "go.etcd.io/etcd/server/v3",
             Module::Etcdctl => "go.etcd.io/etcd/etcdctl/v3",
             Module::Kine => "github.com/k3s-io/kine",
+            Module::Containerd => "github.com/containerd/containerd/v2",
+            Module::Runc => "github.com/opencontainers/runc",
+            Module::CniPlugins => "github.com/containernetworking/plugins",
+            Module::Coredns => "github.com/coredns/coredns",
+            Module::Distribution => "github.com/distribution/distribution/v3",
+            Module::Crane => "github.com/google/go-containerregistry",
         }
     }
 
@@ -122,6 +164,28 @@ impl Module {
             Module::EtcdServer => "etcd-server",
             Module::Etcdctl => "etcdctl",
             Module::Kine => "kine",
+            Module::Containerd => "containerd",
+            Module::Runc => "runc",
+            Module::CniPlugins => "cni-plugins",
+            Module::Coredns => "coredns",
+            Module::Distribution => "distribution",
+            Module::Crane => "go-containerregistry",
+        }
+    }
+
+    /// Whether the build needs cgo. Only runc does: `libcontainer/nsenter` is C that runs
+    /// before the Go runtime starts, and seccomp filters come from libseccomp. It is linked
+    /// statically (libc and libseccomp included), as upstream's release binaries are, so it
+    /// runs on any node.
+    pub fn cgo(self) -> bool {
+        matches!(self, Module::Runc)
+    }
+
+    /// Go build tags.
+    pub fn tags(self) -> &'static str {
+        match self {
+            Module::Runc => "seccomp urfave_cli_no_docs netgo osusergo",
+            _ => "",
         }
     }
 
@@ -157,7 +221,32 @@ impl Module {
                     " -X github.com/k3s-io/kine/pkg/version.Version={version}"
                 ));
             }
-            Module::Konnectivity | Module::EtcdServer | Module::Etcdctl => {}
+            Module::Containerd => {
+                let pkg = "github.com/containerd/containerd/v2/version";
+                flags.push_str(&format!(" -X {pkg}.Version={version} -X {pkg}.Revision=tether"));
+            }
+            Module::Runc => {
+                let bare = version.trim_start_matches('v');
+                flags.push_str(&format!(
+                    " -X main.version={bare} -linkmode external -extldflags=-static"
+                ));
+            }
+            Module::CniPlugins => {
+                flags.push_str(&format!(
+                    " -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion={version}"
+                ));
+            }
+            Module::Distribution => {
+                flags.push_str(&format!(
+                    " -X github.com/distribution/distribution/v3/version.version={version}"
+                ));
+            }
+            Module::Crane => {
+                flags.push_str(&format!(
+                    " -X github.com/google/go-containerregistry/cmd/crane/cmd.Version={version}"
+                ));
+            }
+            Module::Konnectivity | Module::EtcdServer | Module::Etcdctl | Module::Coredns => {}
         }
         Ok(flags)
     }
@@ -177,12 +266,23 @@ pub enum Component {
     Etcd,
     Etcdctl,
     Kine,
+    Containerd,
+    ContainerdShimRuncV2,
+    Ctr,
+    Runc,
+    CniBridge,
+    CniHostLocal,
+    CniLoopback,
+    CniPortmap,
+    Coredns,
+    Registry,
+    Crane,
 }
 
 impl Component {
     /// Every component, in build order (components of one module are adjacent so the Go
     /// build cache is hot for the second one).
-    pub const ALL: [Component; 11] = [
+    pub const ALL: [Component; 22] = [
         Component::KubeApiserver,
         Component::KubeControllerManager,
         Component::KubeScheduler,
@@ -194,6 +294,17 @@ impl Component {
         Component::Etcd,
         Component::Etcdctl,
         Component::Kine,
+        Component::Containerd,
+        Component::ContainerdShimRuncV2,
+        Component::Ctr,
+        Component::Runc,
+        Component::CniBridge,
+        Component::CniHostLocal,
+        Component::CniLoopback,
+        Component::CniPortmap,
+        Component::Coredns,
+        Component::Registry,
+        Component::Crane,
     ];
 
     /// The binary's file name (also its directory name in the cache).
@@ -210,6 +321,17 @@ impl Component {
             Component::Etcd => "etcd",
             Component::Etcdctl => "etcdctl",
             Component::Kine => "kine",
+            Component::Containerd => "containerd",
+            Component::ContainerdShimRuncV2 => "containerd-shim-runc-v2",
+            Component::Ctr => "ctr",
+            Component::Runc => "runc",
+            Component::CniBridge => "bridge",
+            Component::CniHostLocal => "host-local",
+            Component::CniLoopback => "loopback",
+            Component::CniPortmap => "portmap",
+            Component::Coredns => "coredns",
+            Component::Registry => "registry",
+            Component::Crane => "crane",
         }
     }
 
@@ -231,6 +353,17 @@ impl Component {
             Component::Etcd => Module::EtcdServer,
             Component::Etcdctl => Module::Etcdctl,
             Component::Kine => Module::Kine,
+            Component::Containerd | Component::ContainerdShimRuncV2 | Component::Ctr => {
+                Module::Containerd
+            }
+            Component::Runc => Module::Runc,
+            Component::CniBridge
+            | Component::CniHostLocal
+            | Component::CniLoopback
+            | Component::CniPortmap => Module::CniPlugins,
+            Component::Coredns => Module::Coredns,
+            Component::Registry => Module::Distribution,
+            Component::Crane => Module::Crane,
         }
     }
 
@@ -240,7 +373,16 @@ impl Component {
         match self {
             Component::KonnectivityServer => format!("{module}/cmd/server"),
             Component::KonnectivityAgent => format!("{module}/cmd/agent"),
-            Component::Etcd | Component::Etcdctl | Component::Kine => module.to_string(),
+            Component::Etcd
+            | Component::Etcdctl
+            | Component::Kine
+            | Component::Runc
+            | Component::Coredns => module.to_string(),
+            Component::CniBridge | Component::CniLoopback => {
+                format!("{module}/plugins/main/{}", self.name())
+            }
+            Component::CniHostLocal => format!("{module}/plugins/ipam/host-local"),
+            Component::CniPortmap => format!("{module}/plugins/meta/portmap"),
             _ => format!("{module}/cmd/{}", self.name()),
         }
     }
@@ -292,6 +434,19 @@ mod tests {
             "sigs.k8s.io/apiserver-network-proxy/cmd/agent"
         );
         assert_eq!(Component::Etcd.package(), "go.etcd.io/etcd/server/v3");
+        assert_eq!(
+            Component::ContainerdShimRuncV2.package(),
+            "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"
+        );
+        assert_eq!(
+            Component::CniHostLocal.package(),
+            "github.com/containernetworking/plugins/plugins/ipam/host-local"
+        );
+        assert_eq!(Component::Runc.package(), "github.com/opencontainers/runc");
+        assert_eq!(
+            Component::Registry.package(),
+            "github.com/distribution/distribution/v3/cmd/registry"
+        );
         for c in Component::ALL {
             assert_eq!(Component::from_name(c.name()), Some(c));
         }
