@@ -451,15 +451,18 @@ async fn standalone_tenants_end_to_end() {
         kubectl(&admin, &["get", "namespace", "made-by-test"]).is_ok(),
         "tenant data survived the restart"
     );
+    // Only this test's processes: another management plane on the machine may run a
+    // tenant of the same name.
     let count = |name: &str| {
+        let tenant = dir.join("tenants").join(format!("default.{name}"));
+        let tenant_str = tenant.to_string_lossy().into_owned();
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
             .filter(|e| {
                 std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| {
-                    c.contains(&format!("tenants/default.{name}"))
-                        || std::fs::read_link(e.path().join("cwd"))
-                            .is_ok_and(|p| p.ends_with(format!("tenants/default.{name}")))
+                    c.contains(&tenant_str)
+                        || std::fs::read_link(e.path().join("cwd")).is_ok_and(|p| p == tenant)
                 })
             })
             .count()
