@@ -223,7 +223,9 @@ impl Module {
             }
             Module::Containerd => {
                 let pkg = "github.com/containerd/containerd/v2/version";
-                flags.push_str(&format!(" -X {pkg}.Version={version} -X {pkg}.Revision=tether"));
+                flags.push_str(&format!(
+                    " -X {pkg}.Version={version} -X {pkg}.Revision=tether"
+                ));
             }
             Module::Runc => {
                 let bare = version.trim_start_matches('v');
