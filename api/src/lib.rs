@@ -5,6 +5,7 @@
 //! `kube` feature adds the `CustomResource` derives (and with them the CRD manifests) for
 //! the programs that talk to a Kubernetes API.
 
+pub mod artifacts;
 pub mod datastore;
 pub mod machine;
 pub mod machine_api;

@@ -3,6 +3,7 @@
 //! started by [`manager`]; [`standalone`] is a whole management plane on one machine.
 //! [`kube`], [`x509`], [`fs`] and [`ports`] are the helpers every part shares.
 
+pub mod artifacts;
 pub mod binaries;
 pub mod controlplane;
 pub mod crds;

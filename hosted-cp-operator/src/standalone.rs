@@ -8,7 +8,8 @@
 //! - `DIR/management.kubeconfig`: an admin kubeconfig for the management API;
 //! - the operator's controllers ([`crate::manager`]) on the process runtime (`DIR/tenants/…`),
 //!   and the machine API on `--advertise-address` (default loopback), the address machines on
-//!   the node network reach, where tenant control planes are published too.
+//!   the node network reach, where tenant control planes are published too;
+//! - `DIR/registry/`: the artifact store ([`crate::artifacts`]) on the same address.
 //!
 //! Certificates and ports are created once and reused, so a restart with the same DIR
 //! serves the same endpoints and keeps all state. SIGINT/SIGTERM stop tenants and the
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tether_upstream::Component;
 
+use crate::artifacts;
 use crate::binaries::binary;
 use crate::controlplane::DEFAULT_DATASTORE;
 use crate::controlplane::component::{
@@ -54,6 +56,9 @@ struct MgmtPorts {
     /// Added after the first release of this file: older files lack it and get one.
     #[serde(default)]
     machine_api: Option<u16>,
+    /// The artifact store's; added later still, filled the same way.
+    #[serde(default)]
+    registry: Option<u16>,
 }
 
 /// The running management plane: its supervisors and an admin client.
@@ -82,7 +87,7 @@ pub async fn run(
         ProcessRuntime::new(&data_dir, cache_resolver())?
             .with_advertise_address((!advertise.is_loopback()).then(|| advertise.to_string())),
     );
-    let plane = start(&data_dir, started).await?;
+    let plane = start(&data_dir, advertise, started).await?;
     let api_port = plane.machine_api_port;
     tracing::info!(
         kubeconfig = %data_dir.join("management.kubeconfig").display(),
@@ -116,7 +121,11 @@ pub async fn run(
 }
 
 /// Starts the management API and the default datastore, and publishes the latter.
-async fn start(data_dir: &Path, started: Instant) -> Result<ManagementPlane, Error> {
+async fn start(
+    data_dir: &Path,
+    advertise: IpAddr,
+    started: Instant,
+) -> Result<ManagementPlane, Error> {
     let mgmt = data_dir.join("management");
     let pki = mgmt.join("pki");
     std::fs::create_dir_all(&pki).map_err(Error::io("create", &pki))?;
@@ -137,6 +146,10 @@ async fn start(data_dir: &Path, started: Instant) -> Result<ManagementPlane, Err
     // The apiserver gets its own slot so restarting one never restarts the other.
     let apiserver = management_apiserver(&ports, &pki);
     management.apply("management-apiserver", &[apiserver], &SecretData::new())?;
+    // The artifact store, where nodes reach it; its own slot as well.
+    let store = std::net::SocketAddr::new(advertise, ports.registry.expect("ports() fills it"));
+    let registry = artifacts::component(&data_dir.join("registry"), store)?;
+    management.apply("registry", &[registry], &SecretData::new())?;
 
     let ds_dir = data_dir.join("datastore");
     let datastore = ProcessRuntime::new(
@@ -157,6 +170,9 @@ async fn start(data_dir: &Path, started: Instant) -> Result<ManagementPlane, Err
     enable_datastore_auth(&pki, &ds_dir, ports.ds).await?;
     crate::crds::install(&client).await?;
     publish_datastore(&client, &pki, ports.ds).await?;
+    artifacts::wait_ready(store, Duration::from_secs(30)).await?;
+    artifacts::publish(&client, NAMESPACE, store).await?;
+    tracing::info!(address = %store, "artifact store serving");
     Ok(ManagementPlane {
         management,
         datastore,
@@ -173,7 +189,7 @@ fn ports(file: &Path) -> Result<MgmtPorts, Error> {
         .ok()
         .and_then(|b| serde_json::from_slice::<MgmtPorts>(&b).ok())
     {
-        Some(p) if p.machine_api.is_some() => return Ok(p),
+        Some(p) if p.machine_api.is_some() && p.registry.is_some() => return Ok(p),
         Some(p) => p,
         None => MgmtPorts {
             etcd: free_port(&mut t)?,
@@ -182,10 +198,17 @@ fn ports(file: &Path) -> Result<MgmtPorts, Error> {
             ds: free_port(&mut t)?,
             ds_peer: free_port(&mut t)?,
             machine_api: None,
+            registry: None,
         },
     };
     t.extend([p.etcd, p.etcd_peer, p.api, p.ds, p.ds_peer]);
-    p.machine_api = Some(free_port(&mut t)?);
+    t.extend(p.machine_api.into_iter().chain(p.registry));
+    if p.machine_api.is_none() {
+        p.machine_api = Some(free_port(&mut t)?);
+    }
+    if p.registry.is_none() {
+        p.registry = Some(free_port(&mut t)?);
+    }
     write_atomic(file, &serde_json::to_vec(&p).expect("serialise"))?;
     Ok(p)
 }

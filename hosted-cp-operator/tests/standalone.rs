@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Standalone, alive, etcdctl, kubectl};
@@ -19,6 +20,25 @@ spec:
 
 fn tenant(name: &str) -> String {
     TENANT.replace("NAME", name)
+}
+
+/// Runs the pinned crane (plain HTTP to the store); returns stdout, trimmed.
+fn crane(before: &[&str], path: &Path, after: &[&str]) -> String {
+    let bin = tether_operator::binaries::binary(tether_upstream::Component::Crane).unwrap();
+    let out = std::process::Command::new(bin)
+        .args(before)
+        .arg(path)
+        .args(after)
+        .arg("--insecure")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crane {before:?} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,6 +425,39 @@ async fn standalone_tenants_end_to_end() {
     op.wait_ready("default", "beta", Duration::from_secs(30))
         .await;
 
+    // --- The artifact store: published, accepts a push, serves it back. --------------
+    let store = op
+        .kubectl(&[
+            "-n",
+            "tether-system",
+            "get",
+            "configmap",
+            tether_api::artifacts::CONFIG_MAP,
+            "-o",
+            "jsonpath={.data.address}",
+        ])
+        .unwrap();
+    assert!(store.starts_with("127.0.0.1:"), "{store}");
+    let layer = op.dir.join("layer.tar");
+    std::fs::write(op.dir.join("hello"), b"hello from the store\n").unwrap();
+    let tar = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&op.dir)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("hello")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let image = format!("{store}/test/hello:v1");
+    let pushed = crane(
+        &["append", "--oci-empty-base", "-f"],
+        &layer,
+        &["-t", &image],
+    );
+    let digest = crane(&["digest"], Path::new(&image), &[]);
+    assert!(pushed.contains(&digest), "{pushed} / {digest}");
+
     // --- Operator crash: on restart no orphans, no duplicates, tenants converge. -------
     let orphans: Vec<u32> = [
         "kube-apiserver",
@@ -468,6 +521,11 @@ async fn standalone_tenants_end_to_end() {
             .count()
     };
     assert_eq!(count("alpha"), 4, "exactly one set of alpha's components");
+    assert_eq!(
+        crane(&["digest"], Path::new(&image), &[]),
+        digest,
+        "the store's content survived the crash, at the same address"
+    );
 
     // --- Delete: processes, keys + etcd user, Secrets gone. ----------------------------
     let beta_pids: Vec<u32> = [

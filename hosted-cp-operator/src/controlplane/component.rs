@@ -21,6 +21,8 @@ pub enum Program {
     /// etcd (standalone mode's own management and datastore members; never rendered for
     /// tenants).
     Etcd,
+    /// CNCF distribution's registry: standalone's artifact store (never a tenant's).
+    Registry,
 }
 
 impl Program {
@@ -33,6 +35,7 @@ impl Program {
             Program::KonnectivityServer => "konnectivity-server",
             Program::Kine => "kine",
             Program::Etcd => "etcd",
+            Program::Registry => "registry",
         }
     }
 
@@ -46,6 +49,7 @@ impl Program {
             Program::KonnectivityServer => C::KonnectivityServer,
             Program::Kine => C::Kine,
             Program::Etcd => C::Etcd,
+            Program::Registry => C::Registry,
         }
     }
 
@@ -63,6 +67,7 @@ impl Program {
                 "registry.k8s.io/etcd:{}-0",
                 pins.etcd.trim_start_matches('v')
             ),
+            Program::Registry => format!("distribution/registry:{}", pins.registry),
             p => format!("registry.k8s.io/{}:{kubernetes}", p.name()),
         }
     }
