@@ -574,7 +574,7 @@ fn which(tool: &str) -> Result<PathBuf> {
 }
 
 /// Runs a command, returning stdout; a failure carries the tail of stderr.
-fn run(cmd: &mut Command) -> Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod build;
+pub mod containers;
 pub mod cpio;
 pub mod disk;
 pub mod error;

@@ -40,6 +40,17 @@ enum Command {
         #[arg(long, value_parser = parse_format)]
         format: Option<RootfsFormat>,
     },
+    /// Build the container images nodes need (pause, CoreDNS, kube-proxy, a test shell)
+    /// from the pinned binaries and push them to the artifact store at STORE (`host:port`,
+    /// e.g. from ConfigMap tether-system/tether-registry).
+    Containers {
+        /// The artifact store's address.
+        #[arg(long)]
+        push: String,
+        /// Where the layers are assembled.
+        #[arg(long, default_value = "/var/tmp/tether-containers")]
+        work: PathBuf,
+    },
     /// Make an ed25519 key pair (signing.key, signing.pub) in DIR.
     Keygen {
         /// Directory for the key files.
@@ -86,6 +97,15 @@ fn main() {
             let total: f64 = r.steps.iter().map(|(_, s)| s).sum();
             println!("built {} in {total:.1}s", out.display());
         }),
+        Command::Containers { push, work } => {
+            tether_image::containers::push_all(&push, &tether_upstream::Pins::default(), &work).map(
+                |pushed| {
+                    for p in pushed {
+                        println!("{} {}", p.reference, p.pinned);
+                    }
+                },
+            )
+        }
         Command::Keygen { dir } => keys::keygen(&dir).map(|()| {
             println!("wrote {0}/signing.key and {0}/signing.pub", dir.display());
         }),

@@ -27,6 +27,9 @@ pub struct Pins {
     pub registry: &'static str,
     /// go-containerregistry's `crane`, which builds and pushes images without a daemon.
     pub crane: &'static str,
+    /// The pause image's tag: kubeadm's `PauseVersion` for the pinned Kubernetes (the
+    /// binary is compiled from that release's `build/pause/linux/pause.c`).
+    pub pause: &'static str,
 }
 
 impl Pins {
@@ -44,6 +47,7 @@ impl Pins {
             coredns: "v1.14.7",
             registry: "v3.1.2",
             crane: "v0.22.1",
+            pause: "3.10.2",
         }
     }
 

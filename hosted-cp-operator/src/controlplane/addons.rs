@@ -3,15 +3,25 @@
 //! next to the control plane) and CoreDNS (a Deployment behind the `kube-dns` Service at
 //! the spec's DNS service IP). An add-on absent from `spec.addons` renders nothing.
 //!
-//! Image versions: kube-proxy follows the tenant's Kubernetes version; CoreDNS is pinned
-//! to the release kubeadm of the pinned Kubernetes minor ships ([`COREDNS_IMAGE`]).
+//! Image versions: kube-proxy follows the tenant's Kubernetes version; CoreDNS is the pinned
+//! CoreDNS ([`coredns_image`]) — the one `tether-image containers` builds into the artifact
+//! store, since nodes pull `registry.k8s.io` names from there.
+//!
+//! kube-proxy leaves `nf_conntrack_max` alone (`conntrack.maxPerCore: 0`): the sysctl is
+//! writable only from the initial network namespace, so setting it fails on nodes that are
+//! containers, and the kernel sizes it from memory already.
 
 use serde_json::{Value, json};
 use tether_api::TenantControlPlaneSpec;
 use tether_api::tenant_control_plane::Cidr;
 
 /// CoreDNS image used unless `spec.addons.coreDNS.image` overrides it.
-pub const COREDNS_IMAGE: &str = "registry.k8s.io/coredns/coredns:v1.12.1";
+pub fn coredns_image() -> String {
+    format!(
+        "registry.k8s.io/coredns/coredns:{}",
+        tether_upstream::Pins::default().coredns
+    )
+}
 
 /// The CoreDNS Service IP: `dnsServiceIP`, else the tenth address of the service range.
 pub fn dns_ip(spec: &TenantControlPlaneSpec) -> Option<String> {
@@ -34,7 +44,7 @@ pub fn objects(spec: &TenantControlPlaneSpec, version: &str, endpoint: &str) -> 
         out.extend(kube_proxy(spec, &image, endpoint));
     }
     if let Some(dns) = &spec.addons.core_dns {
-        let image = dns.image.clone().unwrap_or_else(|| COREDNS_IMAGE.into());
+        let image = dns.image.clone().unwrap_or_else(coredns_image);
         out.extend(coredns(spec, &image));
     }
     out
@@ -42,7 +52,7 @@ pub fn objects(spec: &TenantControlPlaneSpec, version: &str, endpoint: &str) -> 
 
 fn kube_proxy(spec: &TenantControlPlaneSpec, image: &str, endpoint: &str) -> Vec<Value> {
     let config = format!(
-        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: {}\nmode: iptables\nclientConnection:\n  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf\n",
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: {}\nmode: iptables\nclientConnection:\n  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf\nconntrack:\n  maxPerCore: 0\n",
         spec.network_profile.pod_cidr
     );
     let kubeconfig = format!(
@@ -198,19 +208,21 @@ mod tests {
         type Edit = fn(&mut TenantControlPlaneSpec);
         // (case, edit, kube-proxy image, coredns image, dns ip)
         type Case<'a> = (&'a str, Edit, Option<&'a str>, Option<&'a str>, &'a str);
+        let coredns = coredns_image();
+        assert_eq!(coredns, "registry.k8s.io/coredns/coredns:v1.14.7");
         let table: &[Case] = &[
             (
                 "defaults",
                 |_| {},
                 Some("registry.k8s.io/kube-proxy:v1.36.3"),
-                Some(COREDNS_IMAGE),
+                Some(coredns.as_str()),
                 "10.96.0.10",
             ),
             (
                 "no kube-proxy",
                 |s| s.addons.kube_proxy = None,
                 None,
-                Some(COREDNS_IMAGE),
+                Some(coredns.as_str()),
                 "10.96.0.10",
             ),
             (
@@ -235,7 +247,7 @@ mod tests {
                 "dns ip",
                 |s| s.network_profile.dns_service_ip = Some("10.96.0.53".into()),
                 Some("registry.k8s.io/kube-proxy:v1.36.3"),
-                Some(COREDNS_IMAGE),
+                Some(coredns.as_str()),
                 "10.96.0.53",
             ),
         ];
@@ -274,12 +286,10 @@ mod tests {
                         .unwrap()
                         .contains("server: https://192.0.2.1:6443")
                 );
-                assert!(
-                    cm["data"]["config.conf"]
-                        .as_str()
-                        .unwrap()
-                        .contains("clusterCIDR: 10.244.0.0/16")
-                );
+                let config: serde_yaml::Value =
+                    serde_yaml::from_str(cm["data"]["config.conf"].as_str().unwrap()).unwrap();
+                assert_eq!(config["clusterCIDR"].as_str(), Some("10.244.0.0/16"));
+                assert_eq!(config["conntrack"]["maxPerCore"].as_u64(), Some(0));
             }
         }
     }
