@@ -13,6 +13,7 @@ pub mod facts;
 pub mod fs;
 pub mod identity;
 pub mod inputs;
+pub mod node;
 pub mod notify;
 pub mod service;
 pub mod systemd;

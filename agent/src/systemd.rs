@@ -22,6 +22,8 @@ use crate::Error;
 pub trait Manager {
     /// Enqueues a start job; returns the job's object path.
     fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    /// `RestartUnit(name, mode)`.
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     /// Enqueues a stop job; returns the job's object path.
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     /// Reloads unit files from disk (`systemctl daemon-reload`).
@@ -117,6 +119,16 @@ impl Systemd {
     /// Starts `unit` (mode `replace`) and waits until its job is finished; fails unless the
     /// job's result is `done`.
     pub async fn start_unit(&self, unit: &str, timeout: Duration) -> Result<(), Error> {
+        self.job(unit, Job::Start, timeout).await
+    }
+
+    /// Restarts `unit` (starts it if it is not running), waiting as [`Systemd::start_unit`]
+    /// does: for a unit whose configuration the agent just changed.
+    pub async fn restart_unit(&self, unit: &str, timeout: Duration) -> Result<(), Error> {
+        self.job(unit, Job::Restart, timeout).await
+    }
+
+    async fn job(&self, unit: &str, kind: Job, timeout: Duration) -> Result<(), Error> {
         let manager = self.manager().await?;
         let err = |action: &str| {
             let action = format!("{action} {unit}");
@@ -135,10 +147,11 @@ impl Systemd {
             .receive_job_removed()
             .await
             .map_err(err("watch jobs of"))?;
-        let job = manager
-            .start_unit(unit, "replace")
-            .await
-            .map_err(err("start"))?;
+        let job = match kind {
+            Job::Start => manager.start_unit(unit, "replace").await,
+            Job::Restart => manager.restart_unit(unit, "replace").await,
+        }
+        .map_err(err(kind.verb()))?;
         let wait = async {
             while let Some(signal) = removed.next().await {
                 let Ok(args) = signal.args() else { continue };
@@ -154,7 +167,7 @@ impl Systemd {
         let result = tokio::time::timeout(timeout, wait)
             .await
             .map_err(|_| Error::Timeout {
-                what: format!("the start job of {unit}"),
+                what: format!("the {} job of {unit}", kind.verb()),
                 seconds: timeout.as_secs(),
             })??;
         if result == "done" {
@@ -192,5 +205,21 @@ impl Systemd {
             .active_state()
             .await
             .map_err(err("read ActiveState of"))
+    }
+}
+
+/// A job the agent asks systemd for.
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Start,
+    Restart,
+}
+
+impl Job {
+    fn verb(self) -> &'static str {
+        match self {
+            Job::Start => "start",
+            Job::Restart => "restart",
+        }
     }
 }
