@@ -41,6 +41,11 @@ pub struct ContainerOptions<'a> {
     pub netns: Option<&'a NetNs>,
     /// Extra bind mounts.
     pub binds: Vec<Bind>,
+    /// Boot it to run a kubelet (docs/decisions.md "A node joined by hand"): `/dev/kmsg`,
+    /// all capabilities, the keyring system calls runc makes, and `/proc/sys` and — on a
+    /// cgroup v1 host — its cgroup controllers remounted read-write.
+    /// Test nodes only: such a container can reach the host's kernel settings.
+    pub kubernetes_node: bool,
 }
 
 /// A booted container; powered off (then killed) on drop.
@@ -81,6 +86,11 @@ impl Container {
             cmd.arg(format!("--network-namespace-path={}", ns.path().display()))
                 .arg("--capability=CAP_NET_ADMIN");
         }
+        if options.kubernetes_node {
+            cmd.arg("--bind=/dev/kmsg")
+                .arg("--capability=all")
+                .arg("--system-call-filter=@keyring");
+        }
         for b in &options.binds {
             let flag = if b.read_only { "--bind-ro" } else { "--bind" };
             cmd.arg(format!(
@@ -114,6 +124,9 @@ impl Container {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        if options.kubernetes_node {
+            remount_for_kubelet(leader)?;
+        }
         tracing::debug!(container = name, elapsed = ?start.elapsed(), "booted");
         Ok(Container {
             name,
@@ -200,6 +213,56 @@ impl Drop for Container {
     }
 }
 
+/// Makes read-write what the kubelet writes and nspawn mounts read-only: `/proc/sys` (its
+/// kernel tunables) and, on a cgroup v1 host, the controllers it creates `kubepods` in.
+/// Only these: with all of `/sys` writable (`SYSTEMD_NSPAWN_API_VFS_WRITABLE`) the
+/// container's networkd waits for a udev that never initialises its links, and the node
+/// never gets an address.
+fn remount_for_kubelet(leader: u32) -> Result<()> {
+    let file = format!("/proc/{leader}/mountinfo");
+    let info = fs::read_to_string(&file).map_err(Error::io("read", &file))?;
+    let mut targets = v1_controllers_read_only(&info);
+    targets.push("/proc/sys");
+    for mount_point in targets {
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &leader.to_string(),
+                "-m",
+                "mount",
+                "-o",
+                "remount,rw,bind",
+            ])
+            .arg(mount_point)
+            .output()
+            .map_err(Error::io("run", "nsenter"))?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                command: format!("remount {mount_point} read-write in the container"),
+                detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Mount points of read-only cgroup v1 hierarchies under `/sys/fs/cgroup` in `mountinfo`.
+fn v1_controllers_read_only(mountinfo: &str) -> Vec<&str> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let (mount_point, options) = (*f.get(4)?, *f.get(5)?);
+            let fstype = right.split(' ').next()?;
+            (fstype == "cgroup"
+                && mount_point.starts_with("/sys/fs/cgroup/")
+                && options.split(',').any(|o| o == "ro"))
+            .then_some(mount_point)
+        })
+        .collect()
+}
+
 async fn connect(leader: u32) -> Result<Systemd, String> {
     let address = format!("unix:path=/proc/{leader}/root/run/dbus/system_bus_socket");
     let conn = zbus::connection::Builder::address(address.as_str())
@@ -264,7 +327,28 @@ fn ns_pid_is_one(status: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::ns_pid_is_one;
+    use super::{ns_pid_is_one, v1_controllers_read_only};
+
+    #[test]
+    fn read_only_v1_controllers() {
+        // From an nspawn container on this hybrid host.
+        let info = "\
+44 105 0:46 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:15 - tmpfs tmpfs ro,size=4096k
+45 44 0:29 / /sys/fs/cgroup/cpu ro,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu
+51 44 0:32 /process_api/d1 /sys/fs/cgroup/memory ro,nosuid,relatime shared:22 - cgroup cgroup rw,memory
+52 44 0:36 / /sys/fs/cgroup/pids rw,nosuid,relatime shared:23 - cgroup cgroup rw,pids
+53 44 0:38 /payload /sys/fs/cgroup/unified rw,nosuid,nodev shared:24 - cgroup2 cgroup rw
+54 44 0:37 /payload /sys/fs/cgroup/systemd rw,nosuid,nodev shared:25 - cgroup cgroup rw,name=systemd
+";
+        assert_eq!(
+            v1_controllers_read_only(info),
+            ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/memory"]
+        );
+        assert!(
+            v1_controllers_read_only("30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+                .is_empty()
+        );
+    }
 
     #[test]
     fn nested_pid_one() {
