@@ -70,7 +70,7 @@ pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> Result<(), Error
         if Instant::now() > deadline {
             return Err(Error::Invalid(format!(
                 "the artifact store on {addr} is not ready after {timeout:?}: {last} \
-                 (its log: DIR/management/logs/registry.log)"
+                 (its log: DIR/management/tenants/registry/logs/registry.log)"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

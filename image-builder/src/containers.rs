@@ -6,7 +6,7 @@
 //! | pause | `registry.k8s.io/pause:<pins.pause>` | Kubernetes' `build/pause/linux/pause.c`, `gcc -static` |
 //! | CoreDNS | `registry.k8s.io/coredns/coredns:<pins.coredns>` | the pinned `coredns` binary |
 //! | kube-proxy | `registry.k8s.io/kube-proxy:<pins.kubernetes>` | the pinned binary on a Debian layer with iptables, conntrack and nft |
-//! | test shell | `test.tether.dev/shell:1` | Debian's busybox-static: a shell, `httpd`, `wget`, `nslookup` |
+//! | test shell | `test.tether.dev/shell:1` | Debian's busybox-static: a shell, `httpd`, `wget`, `nslookup`, `nc` |
 //!
 //! Each layer is a tar made with GNU tar's reproducible flags; `crane` appends the layers to
 //! an empty OCI image, sets the platform, entrypoint and user, and pushes to the store under
