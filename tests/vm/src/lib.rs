@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 pub mod image;
+pub mod node;
 pub mod site;
 
 /// How long a unit started in a test container may take.

@@ -72,6 +72,24 @@ pub fn site() -> &'static Site {
     })
 }
 
+/// The pinned kubectl with `kubeconfig`; stdout, or the error with stderr.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(
+        tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
+            .map_err(|e| e.to_string())?,
+    )
+    .arg("--kubeconfig")
+    .arg(kubeconfig)
+    .args(args)
+    .output()
+    .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -203,20 +221,7 @@ impl Site {
 
     /// kubectl against the management cluster; stdout, or the error with stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(
-            tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
-                .map_err(|e| e.to_string())?,
-        )
-        .arg("--kubeconfig")
-        .arg(&self.kubeconfig)
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        kubectl(&self.kubeconfig, args)
     }
 
     /// A client for the management cluster (made on the caller's runtime).
@@ -377,6 +382,7 @@ impl Site {
             ContainerOptions {
                 netns: Some(netns),
                 binds,
+                kubernetes_node: false,
             },
         )
         .await
