@@ -1,0 +1,6 @@
+//! The tests that run on the shared site ([`tether_vm_tests::site`]): one test binary, so
+//! the image is built and the site (segment, site DHCP, standalone, tether-pxe) started
+//! once per run for all of them.
+
+mod enroll;
+mod node_runtime;
