@@ -57,6 +57,9 @@ impl Service {
     /// Runs until SIGTERM/SIGINT.
     pub async fn run(&self) -> Result<()> {
         self.notify.ready();
+        // On the console too: systemd stops printing unit status there once a getty owns
+        // it, so this line is how a person (or a test) at the serial console sees it.
+        tracing::info!("ready: READY=1 sent to systemd");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(Error::io("install", "SIGTERM handler"))?;
         tokio::select! {

@@ -156,10 +156,11 @@ fn image_boots_in_qemu_to_active_agent() {
     let mut vm = Vm::boot(image, "vmlinux", &image.dir.join("rootfs.squashfs"), "good");
     vm.wait_for("tether-initramfs: rootfs verified", "REFUSING TO BOOT");
     vm.wait_for("tether-agent started", "REFUSING TO BOOT");
-    // The unit is `Type=notify`: systemd prints "Started" only once the agent said READY=1,
-    // which comes after its first log line.
+    // The unit is `Type=notify`. systemd's "Started" line is no witness: it stops printing
+    // unit status on the console once the serial getty owns it, which under load comes
+    // first. The agent logs (to the console as well) right after it sent READY=1.
     let took = vm.wait_for(
-        "Started \u{1b}[0;1;39mtether-agent.service",
+        "ready: READY=1 sent to systemd",
         "Failed to start \u{1b}[0;1;39mtether-agent.service",
     );
     eprintln!(
