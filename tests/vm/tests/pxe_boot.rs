@@ -143,13 +143,15 @@ fn pxe_boot(fw: Firmware, mac: &str) {
         verified.as_secs_f64(),
         agent.as_secs_f64()
     );
+    // READY=1 reached systemd (its own "Started" line is no witness once the serial getty
+    // owns the console).
+    vm.wait_for(
+        "ready: READY=1 sent to systemd",
+        "Failed to start \u{1b}[0;1;39mtether-agent.service",
+        STAGE_TIMEOUT,
+    )
+    .unwrap_or_else(|e| fail(e));
     let console = vm.console();
-    assert!(
-        console.contains("Started tether-agent.service")
-            || console.contains("Started \u{1b}[0;1;39mtether-agent.service"),
-        "{fw:?}: systemd started the unit:\n{}",
-        qemu::tail(&console, 40)
-    );
     // The kernel got the image's words and ours, rendered through BootParams.
     let line = console
         .lines()
