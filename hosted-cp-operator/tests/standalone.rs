@@ -426,17 +426,8 @@ async fn standalone_tenants_end_to_end() {
         .await;
 
     // --- The artifact store: published, accepts a push, serves it back. --------------
-    let store = op
-        .kubectl(&[
-            "-n",
-            "tether-system",
-            "get",
-            "configmap",
-            tether_api::artifacts::CONFIG_MAP,
-            "-o",
-            "jsonpath={.data.address}",
-        ])
-        .unwrap();
+    let store =
+        tether_testkit::published::artifact_store(&op.dir.join("management.kubeconfig")).unwrap();
     assert!(store.starts_with("127.0.0.1:"), "{store}");
     let layer = op.dir.join("layer.tar");
     std::fs::write(op.dir.join("hello"), b"hello from the store\n").unwrap();

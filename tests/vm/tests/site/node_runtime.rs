@@ -18,17 +18,7 @@ async fn nspawn_node_joined_by_hand_runs_kube_proxy_coredns_and_pods_from_the_st
     let tenant = tokio::task::spawn_blocking(move || Tenant::create(site, "hand"))
         .await
         .unwrap();
-    let store = site
-        .kubectl(&[
-            "-n",
-            "tether-system",
-            "get",
-            "configmap",
-            tether_api::artifacts::CONFIG_MAP,
-            "-o",
-            "jsonpath={.data.address}",
-        ])
-        .unwrap();
+    let store = tether_testkit::published::artifact_store(&site.kubeconfig).unwrap();
     assert!(
         store.starts_with(&format!("{}:", site.host_ip)),
         "the store listens where nodes reach it: {store}"
