@@ -54,18 +54,11 @@ impl Tenant {
                 .unwrap()
         };
         let b64 = |s: String| {
-            let out = std::process::Command::new("base64")
-                .arg("-d")
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write;
-                    c.stdin.take().unwrap().write_all(s.as_bytes())?;
-                    c.wait_with_output()
-                })
-                .unwrap();
-            String::from_utf8(out.stdout).unwrap()
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(s.trim())
+                .unwrap_or_else(|e| panic!("tenant {name}: not base64: {e}"));
+            String::from_utf8(bytes).unwrap()
         };
         let admin = site.dir.join(format!("{name}.kubeconfig"));
         std::fs::write(
