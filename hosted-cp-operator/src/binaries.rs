@@ -9,9 +9,7 @@ use crate::error::Error;
 
 /// The cached binary of `component` at the default pins.
 pub fn binary(component: Component) -> Result<PathBuf, Error> {
-    let pins = Pins::default();
-    let version = pins.version_for(component, pins.kubernetes)?;
-    Ok(Cache::from_env().lookup(component, &version)?)
+    Ok(Cache::from_env().pinned(component)?)
 }
 
 /// etcdctl.

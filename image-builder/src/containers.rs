@@ -215,14 +215,10 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The pinned binary of `component`.
+/// The cached binary of `component` at `pins`.
 fn binary(component: Component, pins: &Pins) -> Result<PathBuf> {
-    let version = pins
-        .version_for(component, pins.kubernetes)
-        .map_err(Error::Upstream)?;
-    Cache::from_env()
-        .lookup(component, &version)
-        .map_err(Error::Upstream)
+    let version = pins.version_for(component, pins.kubernetes)?;
+    Ok(Cache::from_env().lookup(component, &version)?)
 }
 
 /// `pause.c` of the pinned Kubernetes release, from the Go module cache (downloaded if

@@ -9,9 +9,7 @@ use crate::Result;
 /// The cached binary of `component` at its default pinned version. A missing binary is an
 /// error that says to run `cargo xtask deps`: tests never skip silently.
 pub fn binary(component: Component) -> Result<PathBuf> {
-    let pins = Pins::default();
-    let version = pins.version_for(component, pins.kubernetes)?;
-    Ok(Cache::from_env().lookup(component, &version)?)
+    Ok(Cache::from_env().pinned(component)?)
 }
 
 /// The binary of `component` for Kubernetes `kubernetes`, built now if it is not cached yet

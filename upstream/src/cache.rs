@@ -56,6 +56,14 @@ impl Cache {
         self.root.join("go").join(module.slug()).join(version)
     }
 
+    /// The cached binary of `component` at its default pinned version (the one that goes
+    /// with the pinned Kubernetes), without building it: what every program that runs an
+    /// upstream binary asks for.
+    pub fn pinned(&self, component: Component) -> Result<PathBuf> {
+        let pins = crate::Pins::default();
+        self.lookup(component, &pins.version_for(component, pins.kubernetes)?)
+    }
+
     /// The cached binary, without building it. Cheap: it checks presence, not the hash.
     pub fn lookup(&self, component: Component, version: &str) -> Result<PathBuf> {
         let path = self.binary_path(component, version);

@@ -124,7 +124,6 @@ impl Tenant {
 /// The pinned runtime binaries, hard-linked (else copied) into `dir/{bin,cni}` so a node
 /// can bind them read-only.
 pub fn runtime_dir(dir: &Path) -> (PathBuf, PathBuf) {
-    let pins = Pins::default();
     let cache = Cache::from_env();
     let (bin, cni) = (dir.join("bin"), dir.join("cni"));
     for (d, components) in [
@@ -150,9 +149,8 @@ pub fn runtime_dir(dir: &Path) -> (PathBuf, PathBuf) {
     ] {
         std::fs::create_dir_all(d).unwrap();
         for c in components {
-            let version = pins.version_for(*c, pins.kubernetes).unwrap();
             let from = cache
-                .lookup(*c, &version)
+                .pinned(*c)
                 .unwrap_or_else(|e| panic!("{e} (run `cargo xtask deps`)"));
             let to = d.join(c.name());
             if !to.exists() && std::fs::hard_link(&from, &to).is_err() {
