@@ -319,6 +319,11 @@ pub struct TenantControlPlaneStatus {
     /// `https://host:port` of the tenant API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// `host:port` where nodes' konnectivity agents connect (gRPC over TLS), on the same
+    /// address as the API; absent without the konnectivity add-on, or where the cluster
+    /// assigns the port (a NodePort Service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub konnectivity_endpoint: Option<String>,
     /// `sha256:<hex>` of the cluster CA's SubjectPublicKeyInfo, as `kubeadm join
     /// --discovery-token-ca-cert-hash` expects.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -58,6 +58,13 @@ async fn standalone_tenants_end_to_end() {
     let st = alpha.status.unwrap();
     let endpoint = st.endpoint.clone().unwrap();
     assert!(endpoint.starts_with("https://127.0.0.1:"));
+    // Where nodes' konnectivity agents dial, on the API's address; konnectivity-server
+    // listens there.
+    let tunnel = st.konnectivity_endpoint.clone().unwrap();
+    assert!(tunnel.starts_with("127.0.0.1:"), "{tunnel}");
+    tokio::net::TcpStream::connect(&tunnel)
+        .await
+        .unwrap_or_else(|e| panic!("konnectivity agent endpoint {tunnel}: {e}"));
     assert_eq!(st.version.as_deref(), Some("v1.36.3"));
     assert_eq!(
         st.kubeconfig_secret.as_deref(),

@@ -34,6 +34,9 @@ pub struct Placement {
     pub bind_address: String,
     /// `https://host:port` clients and nodes use.
     pub endpoint: String,
+    /// `host:port` nodes' konnectivity agents dial, when it is known (see
+    /// `TenantControlPlaneStatus::konnectivity_endpoint`).
+    pub konnectivity_endpoint: Option<String>,
     /// The host part of the endpoint (for the serving certificate).
     pub host: String,
     /// The IP the API server advertises (`--advertise-address`).
@@ -42,6 +45,19 @@ pub struct Placement {
     pub leader_elect: bool,
     /// How long a reconcile waits for `/readyz` before requeueing.
     pub readyz_wait: Duration,
+}
+
+/// Where nodes' konnectivity agents dial: the agent port on the tenant's address, when the
+/// tenant runs konnectivity — except behind a NodePort Service, whose port the cluster
+/// assigns (not known here).
+fn konnectivity_endpoint(
+    spec: &TenantControlPlaneSpec,
+    host: &str,
+    agent_port: u16,
+    node_port_service: bool,
+) -> Option<String> {
+    (spec.addons.konnectivity.is_some() && !node_port_service)
+        .then(|| format!("{host}:{agent_port}"))
 }
 
 /// `--advertise-address` must be an IP; a DNS name or a wildcard advertises loopback.
@@ -93,8 +109,11 @@ impl Runtime {
                     Some(ip) if ip.is_loopback() => host.clone(),
                     _ => "0.0.0.0".into(),
                 };
+                let konnectivity_endpoint =
+                    konnectivity_endpoint(spec, &bracket(&host), ports.konnectivity_agent, false);
                 Ok(Placement {
                     endpoint: format!("https://{}:{}", bracket(&host), ports.api),
+                    konnectivity_endpoint,
                     ports,
                     bind_address,
                     advertise_address: advertise_ip(&host),
@@ -113,8 +132,17 @@ impl Runtime {
                     (tether_api::tenant_control_plane::ServiceType::NodePort, Some(p)) => p,
                     _ => svc.port,
                 };
+                let node_port =
+                    svc.type_ == tether_api::tenant_control_plane::ServiceType::NodePort;
+                let konnectivity_endpoint = konnectivity_endpoint(
+                    spec,
+                    &bracket(&host),
+                    ports.konnectivity_agent,
+                    node_port,
+                );
                 Ok(Placement {
                     endpoint: format!("https://{}:{port}", bracket(&host)),
+                    konnectivity_endpoint,
                     ports,
                     bind_address: "0.0.0.0".into(),
                     advertise_address: advertise_ip("0.0.0.0"),
@@ -166,6 +194,26 @@ pub type Images = BTreeMap<String, String>;
 
 #[cfg(test)]
 mod tests {
+    use tether_api::TenantControlPlaneSpec;
+
+    #[test]
+    fn konnectivity_endpoint_when_known() {
+        let with = TenantControlPlaneSpec::default();
+        let mut without = TenantControlPlaneSpec::default();
+        without.addons.konnectivity = None;
+        let cases = [
+            (&with, false, Some("10.0.0.1:8132")),
+            (&with, true, None),
+            (&without, false, None),
+        ];
+        for (spec, node_port, want) in cases {
+            assert_eq!(
+                super::konnectivity_endpoint(spec, "10.0.0.1", 8132, node_port).as_deref(),
+                want
+            );
+        }
+    }
+
     #[test]
     fn advertise_address_is_an_ip() {
         assert_eq!(super::advertise_ip("0.0.0.0"), "127.0.0.1");

@@ -39,7 +39,9 @@ async fn ready(s: &mut State<'_>) -> Result<Flow, Error> {
     status.conditions = merge_conditions(&status.conditions, conditions);
     status.phase = TenantControlPlanePhase::Ready;
     status.version = Some(version.run.clone());
-    status.endpoint = Some(need(&s.placement, "placement")?.endpoint.clone());
+    let placement = need(&s.placement, "placement")?;
+    status.endpoint = Some(placement.endpoint.clone());
+    status.konnectivity_endpoint = placement.konnectivity_endpoint.clone();
     status.ca_hash = Some(pki.ca_hash.clone());
     status.kubeconfig_secret = Some(admin_secret(&s.t.name));
     status.observed_generation = s.t.generation();
