@@ -186,6 +186,9 @@ fn apiserver(i: &RenderInputs<'_>) -> ComponentSpec {
             "--allow-privileged=true",
             "--enable-admission-plugins=NodeRestriction",
             "--enable-bootstrap-token-auth=true",
+            // Kubelets' serving certificates (serverTLSBootstrap) are checked against the
+            // CAs the tenant trusts, both during a CA rotation.
+            "--kubelet-certificate-authority=pki/client-ca.crt",
             "--kubelet-client-certificate=pki/apiserver-kubelet-client.crt",
             "--kubelet-client-key=pki/apiserver-kubelet-client.key",
             "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname",
@@ -472,6 +475,11 @@ mod tests {
                         Program::KubeApiserver,
                         "egress-selector-config-file",
                         Some("config/egress-selector.yaml"),
+                    ),
+                    (
+                        Program::KubeApiserver,
+                        "kubelet-certificate-authority",
+                        Some("pki/client-ca.crt"),
                     ),
                     (
                         Program::KubeApiserver,
