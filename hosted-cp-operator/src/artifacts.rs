@@ -11,8 +11,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tether_api::artifacts::{CONFIG_MAP, KEY_ADDRESS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,9 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::controlplane::component::{ComponentSpec, Probe, Program};
 use crate::error::Error;
 use crate::fs::write_atomic;
-
-/// Field manager of the published ConfigMap.
-const MANAGER: &str = "tether-standalone";
 
 /// The registry's configuration: filesystem storage under `data`, HTTP on `addr`, deletes
 /// allowed (old node artifacts are garbage-collected later), no auth (pulls are by digest;
@@ -96,20 +91,12 @@ pub async fn publish(
     namespace: &str,
     addr: SocketAddr,
 ) -> Result<(), Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let cm = json!({
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": CONFIG_MAP, "namespace": namespace},
         "data": {KEY_ADDRESS: addr.to_string()},
     });
-    api.patch(
-        CONFIG_MAP,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&cm),
-    )
-    .await
-    .map_err(Error::kube(format!("apply ConfigMap {CONFIG_MAP}")))?;
-    Ok(())
+    crate::kube::apply_objects(client, &[cm]).await
 }
 
 #[cfg(test)]
