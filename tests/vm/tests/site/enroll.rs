@@ -268,19 +268,24 @@ async fn enrollment_survives_sigkill_in_every_phase() {
         seed ^= seed << 17;
         seed % n
     };
+    // `tether-agent enroll` with the site's API, pin, the token and this state directory.
+    let enroll = || {
+        let mut c = Command::new(&agent);
+        c.args([
+            "enroll",
+            "--api",
+            &site.api_url,
+            "--ca-pin",
+            &site.pin.to_string(),
+            "--token",
+            &token,
+        ])
+        .arg("--state-dir")
+        .arg(&state);
+        c
+    };
     let spawn = || {
-        Command::new(&agent)
-            .args([
-                "enroll",
-                "--api",
-                &site.api_url,
-                "--ca-pin",
-                &site.pin.to_string(),
-                "--token",
-                &token,
-            ])
-            .arg("--state-dir")
-            .arg(&state)
+        enroll()
             .env(tether_agent::enroll::PAUSE_ENV, PAUSE_MS.to_string())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -347,20 +352,7 @@ async fn enrollment_survives_sigkill_in_every_phase() {
     assert!(hits.len() >= 20);
 
     // An undisturbed run ends it.
-    let out = Command::new(&agent)
-        .args([
-            "enroll",
-            "--api",
-            &site.api_url,
-            "--ca-pin",
-            &site.pin.to_string(),
-            "--token",
-            &token,
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    let out = enroll().output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
