@@ -15,46 +15,51 @@ use tether_upstream::Component;
 
 use crate::{Error, Result};
 
+/// ConfigMap `tether-system/<name>` as the pinned kubectl reads it; the inner `Err` carries
+/// kubectl's stderr when it could not get it (not there yet, say).
+fn config_map(kubeconfig: &Path, name: &str) -> Result<std::result::Result<ConfigMap, String>> {
+    let kubectl = crate::binaries::binary(Component::Kubectl)?;
+    let out = Command::new(&kubectl)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["-n", NAMESPACE, "get", "configmap", name, "-o", "json"])
+        .output()
+        .map_err(Error::io("run", &kubectl))?;
+    if !out.status.success() {
+        return Ok(Err(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map(Ok)
+        .map_err(|e| Error::Command {
+            command: format!("read ConfigMap {NAMESPACE}/{name}"),
+            detail: e.to_string(),
+        })
+}
+
 /// The machine API's URL and pin, waiting up to `timeout` for them to be published.
 pub fn machine_api(kubeconfig: &Path, timeout: Duration) -> Result<(String, CaPin)> {
-    let kubectl = crate::binaries::binary(Component::Kubectl)?;
     let deadline = Instant::now() + timeout;
     loop {
-        let out = Command::new(&kubectl)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args([
-                "-n",
-                NAMESPACE,
-                "get",
-                "configmap",
-                CONFIG_MAP,
-                "-o",
-                "json",
-            ])
-            .output()
-            .map_err(Error::io("run", &kubectl))?;
-        if out.status.success() {
-            let cm: ConfigMap =
-                serde_json::from_slice(&out.stdout).map_err(|e| Error::Command {
-                    command: format!("read ConfigMap {CONFIG_MAP}"),
-                    detail: e.to_string(),
-                })?;
-            // Published once both keys are there; then they must be valid.
-            let data = cm.data.clone().unwrap_or_default();
-            if data.contains_key(KEY_URL) && data.contains_key(KEY_CA_PIN) {
-                return published(&cm).map_err(|detail| Error::Command {
-                    command: format!("read ConfigMap {CONFIG_MAP}"),
-                    detail,
-                });
+        let last = match config_map(kubeconfig, CONFIG_MAP)? {
+            Ok(cm) => {
+                // Published once both keys are there; then they must be valid.
+                let data = cm.data.clone().unwrap_or_default();
+                if data.contains_key(KEY_URL) && data.contains_key(KEY_CA_PIN) {
+                    return published(&cm).map_err(|detail| Error::Command {
+                        command: format!("read ConfigMap {CONFIG_MAP}"),
+                        detail,
+                    });
+                }
+                String::new()
             }
-        }
+            Err(stderr) => stderr,
+        };
         if Instant::now() > deadline {
             return Err(Error::NotReady {
                 component: "machine API".into(),
                 seconds: timeout.as_secs(),
                 reason: format!("ConfigMap {NAMESPACE}/{CONFIG_MAP} not published"),
-                log_tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+                log_tail: last,
             });
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -63,27 +68,14 @@ pub fn machine_api(kubeconfig: &Path, timeout: Duration) -> Result<(String, CaPi
 
 /// The artifact store's address (`host:port`) from ConfigMap `tether-system/tether-registry`.
 pub fn artifact_store(kubeconfig: &Path) -> Result<String> {
-    let kubectl = crate::binaries::binary(Component::Kubectl)?;
-    let out = Command::new(&kubectl)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args([
-            "-n",
-            NAMESPACE,
-            "get",
-            "configmap",
-            artifacts::CONFIG_MAP,
-            "-o",
-        ])
-        .arg(format!("jsonpath={{.data.{}}}", artifacts::KEY_ADDRESS))
-        .output()
-        .map_err(Error::io("run", &kubectl))?;
-    let address = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || address.is_empty() {
-        return Err(Error::Command {
-            command: format!("read ConfigMap {NAMESPACE}/{}", artifacts::CONFIG_MAP),
-            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
-        });
-    }
-    Ok(address)
+    let name = artifacts::CONFIG_MAP;
+    let missing = |detail: String| Error::Command {
+        command: format!("read ConfigMap {NAMESPACE}/{name}"),
+        detail,
+    };
+    let cm = config_map(kubeconfig, name)?.map_err(missing)?;
+    cm.data
+        .and_then(|d| d.get(artifacts::KEY_ADDRESS).cloned())
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| missing(format!("no {}", artifacts::KEY_ADDRESS)))
 }
