@@ -45,8 +45,16 @@ pub fn spec_params(extra: &str) -> Result<BootParams> {
     Ok(p)
 }
 
+/// Seconds a node waits after a kernel panic before it reboots (`panic=`), unless the spec
+/// sets its own: a node that panics comes back by itself instead of hanging until someone
+/// reaches its console (DESIGN.md "The node contract").
+pub const PANIC_REBOOT_SECONDS: u32 = 10;
+
 fn image_params(extra: &str, root: Root, fstype: &str, verity: &Verity) -> Result<BootParams> {
     let mut p = spec_params(extra)?;
+    if !p.other.iter().any(|w| w.starts_with("panic=")) {
+        p.other.push(format!("panic={PANIC_REBOOT_SECONDS}"));
+    }
     p.root = Some(root);
     p.rootfs_type = Some(fstype.to_string());
     p.verity = Some(VerityParams {
@@ -175,7 +183,7 @@ mod tests {
         assert_eq!(
             pxe_cmdline(" console=ttyS0  quiet ", "squashfs", &verity()).unwrap(),
             format!(
-                "console=ttyS0 quiet tether.root=file:/rootfs.img tether.rootfstype=squashfs tether.verity.roothash={HASH} tether.verity.hashoffset=8192"
+                "console=ttyS0 quiet panic=10 tether.root=file:/rootfs.img tether.rootfstype=squashfs tether.verity.roothash={HASH} tether.verity.hashoffset=8192"
             )
         );
     }
@@ -185,9 +193,19 @@ mod tests {
         assert_eq!(
             slot_cmdline("console=ttyS0", Slot::B, "squashfs", &verity()).unwrap(),
             format!(
-                "console=ttyS0 tether.root=PARTLABEL=tether-b tether.rootfstype=squashfs tether.verity.roothash={HASH} tether.verity.hashoffset=8192 tether.state=PARTLABEL=tether-state tether.slot=b"
+                "console=ttyS0 panic=10 tether.root=PARTLABEL=tether-b tether.rootfstype=squashfs tether.verity.roothash={HASH} tether.verity.hashoffset=8192 tether.state=PARTLABEL=tether-state tether.slot=b"
             )
         );
+    }
+
+    #[test]
+    fn a_spec_panic_word_is_kept() {
+        let line = pxe_cmdline("panic=-1 console=ttyS0", "squashfs", &verity()).unwrap();
+        assert!(
+            line.starts_with("panic=-1 console=ttyS0 tether.root="),
+            "{line}"
+        );
+        assert_eq!(line.matches("panic=").count(), 1);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::spec::{RootfsFormat, Spec};
 use crate::{Error, Result, disk, kernel, keys};
 
 /// Bump when the base tree recipe changes so cached trees are rebuilt.
-const RECIPE: u32 = 4;
+const RECIPE: u32 = 5;
 
 /// The SOURCE_DATE_EPOCH used when none is set (2026-01-01T00:00:00Z).
 pub const DEFAULT_EPOCH: u64 = 1_767_225_600;
@@ -141,9 +141,7 @@ pub const PRUNED_MODULE_DIRS: &[&str] = &[
 ];
 
 /// Files dpkg never unpacks into the image (dpkg `path-exclude` globs): documentation
-/// (licences excepted), translations, the containerd tools a CRI node does not run — the
-/// `ctr` debugging client and the v1 shims (the kubelet uses the runc v2 shim) — and the
-/// rarely used CNI plugins.
+/// (licences excepted), translations and shell completions.
 pub const EXCLUDED_PATHS: &[&str] = &[
     "/usr/share/doc/*",
     "/usr/share/man/*",
@@ -151,20 +149,21 @@ pub const EXCLUDED_PATHS: &[&str] = &[
     "/usr/share/info/*",
     "/usr/share/lintian/*",
     "/usr/share/bash-completion/*",
-    "/usr/bin/ctr",
-    "/usr/bin/containerd-shim",
-    "/usr/bin/containerd-shim-runc-v1",
-    // CNI plugins no Kubernetes network setup here uses (bridge, host-local, loopback,
-    // portmap, bandwidth, firewall and tuning stay; network providers bring their own).
-    "/usr/lib/cni/dhcp",
-    "/usr/lib/cni/vrf",
-    "/usr/lib/cni/host-device",
-    "/usr/lib/cni/ipvlan",
-    "/usr/lib/cni/macvlan",
-    "/usr/lib/cni/vlan",
-    "/usr/lib/cni/ptp",
-    "/usr/lib/cni/sbr",
-    "/usr/lib/cni/static",
+];
+
+/// Kernel modules every node loads at boot (`modules-load.d`): overlay for containerd's
+/// snapshotter, br_netfilter so that traffic between pods on one bridge passes
+/// kube-proxy's rules.
+pub const NODE_MODULES: &[&str] = &["overlay", "br_netfilter"];
+
+/// The sysctls a Kubernetes node needs (`sysctl.d`): pods' traffic is routed through the
+/// node, and bridged pod traffic is seen by iptables (kube-proxy's Service rules). The
+/// bridge keys exist only once br_netfilter is loaded: `-` keeps a kernel without it from
+/// failing systemd-sysctl.
+pub const NODE_SYSCTLS: &[(&str, &str)] = &[
+    ("net.ipv4.ip_forward", "1"),
+    ("-net.bridge.bridge-nf-call-iptables", "1"),
+    ("-net.bridge.bridge-nf-call-ip6tables", "1"),
 ];
 
 /// Modules the initramfs loads (with their dependencies): loop files, the two rootfs
@@ -862,7 +861,10 @@ fn customize_tree(
     }
     let wants = p("etc/systemd/system/multi-user.target.wants");
     fs::create_dir_all(&wants).map_err(Error::io("create", &wants))?;
-    let mut enable = vec!["tether-agent.service".to_string()];
+    let mut enable = vec![
+        "tether-agent.service".to_string(),
+        "systemd-resolved.service".to_string(),
+    ];
     // The rootfs is read-only: /tmp is a tmpfs (Debian ships the unit, unenabled), or every
     // unit with PrivateTmp/PrivateDevices fails to set up its namespace.
     let local_fs = p("etc/systemd/system/local-fs.target.wants");
@@ -913,6 +915,7 @@ fn customize_tree(
     let _ = fs::remove_file(p("var/lib/dbus/machine-id"));
     let hostname = p("etc/hostname");
     write_file(&hostname, b"tether\n")?;
+    write_node_contract(tree)?;
 
     let pubkey_path = p(manifest::PUBLIC_KEY_PATH);
     fs::create_dir_all(pubkey_path.parent().expect("has parent"))
@@ -969,6 +972,34 @@ fn customize_tree(
         }
     }
     run(Command::new("depmod").arg("-b").arg(tree).arg(kver))?;
+    Ok(())
+}
+
+/// What makes the tree a Kubernetes node before anything is installed on it: the modules
+/// and sysctls the kubelet, kube-proxy and CNI expect, and a real `/etc/resolv.conf`
+/// (systemd-resolved's list of the DHCP-given servers, which the kubelet hands to pods with
+/// `dnsPolicy: Default`, CoreDNS among them).
+fn write_node_contract(tree: &Path) -> Result<()> {
+    use std::os::unix::fs::symlink;
+    for dir in ["usr/lib/modules-load.d", "usr/lib/sysctl.d"] {
+        fs::create_dir_all(tree.join(dir)).map_err(Error::io("create", tree.join(dir)))?;
+    }
+    let modules: String = NODE_MODULES.iter().map(|m| format!("{m}\n")).collect();
+    write_file(
+        &tree.join("usr/lib/modules-load.d/tether-node.conf"),
+        modules.as_bytes(),
+    )?;
+    let sysctls: String = NODE_SYSCTLS
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
+    write_file(
+        &tree.join("usr/lib/sysctl.d/90-tether-node.conf"),
+        sysctls.as_bytes(),
+    )?;
+    let resolv = tree.join("etc/resolv.conf");
+    let _ = fs::remove_file(&resolv);
+    symlink("/run/systemd/resolve/resolv.conf", &resolv).map_err(Error::io("link", &resolv))?;
     Ok(())
 }
 

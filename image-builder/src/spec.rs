@@ -11,16 +11,22 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
-/// Packages every image has: init, the bus the agent drives systemd over, the container
-/// runtime the agent hands to the kubelet, networking, module loading and trust roots.
+/// Packages every image has: init, the bus the agent drives systemd over, networking,
+/// module loading and trust roots. The container runtime is not among them: containerd 2.x,
+/// runc and the CNI plugins come pinned from the artifact store (Kubernetes 1.36 needs
+/// containerd 2.x, bookworm ships 1.6; docs/node-runtime.md).
 pub const BASE_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
     "dbus",
-    "containerd",
-    "runc",
-    "containernetworking-plugins",
     "iproute2",
+    // The CNI bridge plugin's masquerade rule and portmap's hostPort rules go through the
+    // iptables command (nft backend).
+    "iptables",
+    // Writes /run/systemd/resolve/resolv.conf from the DNS servers DHCP hands out; the
+    // image's /etc/resolv.conf points there (not at the 127.0.0.53 stub, which pods
+    // inheriting the node's resolv.conf could not reach).
+    "systemd-resolved",
     "kmod",
     "ca-certificates",
     // TLS needs a sane clock: NTP servers come from DHCP through networkd (DESIGN.md "The
@@ -220,7 +226,8 @@ mod tests {
         assert_eq!(spec.rootfs_format, RootfsFormat::Squashfs);
         assert_eq!(spec.cmdline, "console=tty0 console=ttyS0");
         assert!(!spec.disk);
-        assert!(spec.all_packages().contains(&"containerd".to_string()));
+        assert!(spec.all_packages().contains(&"systemd".to_string()));
+        assert!(!spec.all_packages().contains(&"containerd".to_string()));
     }
 
     #[test]

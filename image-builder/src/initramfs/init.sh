@@ -92,6 +92,11 @@ for dir in etc var; do
 	mount -t overlay overlay -o "lowerdir=/sysroot/$dir,upperdir=$OVERLAY/$dir/upper,workdir=$OVERLAY/$dir/work" "/sysroot/$dir" ||
 		fail "cannot mount the /$dir overlay"
 done
+# containerd's snapshots are overlay mounts, which cannot stack on the /var overlay: its
+# state lives beside the overlays (RAM on a diskless node, the state partition on a disk).
+CONTAINERD=${OVERLAY%/overlay}/containerd
+mkdir -p "$CONTAINERD" /sysroot/var/lib/containerd
+mount -o bind "$CONTAINERD" /sysroot/var/lib/containerd || fail "cannot mount containerd's state"
 
 mount --move /dev /sysroot/dev
 umount /proc /sys
