@@ -175,7 +175,9 @@ fn start_dnsmasq(ns: &NetNs, p: [u8; 3], dir: &Path) -> Result<Process> {
         "--no-resolv",
         "--no-hosts",
     ])
-    .arg("--port=0")
+    // Also the segment's DNS server (handed out by DHCP, as a site's would be): with no
+    // upstream it knows no names, but nodes get a real resolv.conf from it, which CoreDNS
+    // needs to start (it refuses an upstream list with no servers).
     .arg(format!("--interface={BRIDGE}"))
     .arg("--bind-interfaces")
     .arg(format!(
