@@ -6,7 +6,7 @@
 //! | pause | `registry.k8s.io/pause:<pins.pause>` | Kubernetes' `build/pause/linux/pause.c`, `gcc -static` |
 //! | CoreDNS | `registry.k8s.io/coredns/coredns:<pins.coredns>` | the pinned `coredns` binary |
 //! | kube-proxy | `registry.k8s.io/kube-proxy:<pins.kubernetes>` | the pinned binary on a Debian layer with iptables, conntrack and nft |
-//! | test shell | `test.tether.dev/shell:1` | Debian's busybox-static: a shell, `httpd`, `wget`, `nslookup`, `nc` |
+//! | test shell | `test.tether.dev/shell:1` | Debian's busybox-static: a shell, `httpd`, `wget` (not its `-T`: it crashes), `nslookup`, `nc`, `timeout` |
 //!
 //! Each layer is a tar made with GNU tar's reproducible flags; `crane` appends the layers to
 //! an empty OCI image, sets the platform, entrypoint and user, and pushes to the store under
@@ -179,7 +179,8 @@ fn layers(image: ContainerImage, pins: &Pins, work: &Path) -> Result<Vec<PathBuf
             fs::create_dir_all(&bin).map_err(Error::io("create", &bin))?;
             copy(Path::new("/bin/busybox"), &bin.join("busybox"))?;
             for applet in [
-                "sh", "httpd", "wget", "nslookup", "sleep", "cat", "ls", "ip",
+                "sh", "httpd", "wget", "nslookup", "nc", "timeout", "grep", "sleep", "cat", "ls",
+                "ip",
             ] {
                 std::os::unix::fs::symlink("busybox", bin.join(applet))
                     .map_err(Error::io("link", bin.join(applet)))?;

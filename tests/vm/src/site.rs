@@ -278,16 +278,17 @@ impl Site {
         format!("4c4c4544-0000-1000-8000-{}", mac.replace(':', ""))
     }
 
-    /// A qemu VM (TCG) with one virtio NIC on the segment and the SMBIOS UUID
-    /// [`Site::uuid_of`] its MAC; its serial console goes to `<dir>/<name>.serial`.
-    fn vm_on_segment(&self, name: &str, mac: &str) -> Qemu {
+    /// A qemu VM (TCG) with `memory_mib` of RAM, one virtio NIC on the segment and the
+    /// SMBIOS UUID [`Site::uuid_of`] its MAC; its serial console goes to
+    /// `<dir>/<name>.serial`.
+    pub fn vm_on_segment(&self, name: &str, mac: &str, memory_mib: u32) -> Qemu {
         let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         let segment = p.segment.as_ref().expect("site is up");
         let tap = segment.add_tap().expect("tap on the segment");
         Qemu::new_in(
             segment.netns(),
             &self.dir.join(format!("{name}.serial")),
-            1536,
+            memory_mib,
         )
         .args([
             "-netdev".to_string(),
@@ -301,7 +302,7 @@ impl Site {
 
     /// A VM on the segment (SeaBIOS, qemu's iPXE ROM) that boots from the network.
     pub fn pxe_vm(&self, name: &str, mac: &str) -> Vm {
-        self.vm_on_segment(name, mac)
+        self.vm_on_segment(name, mac, 1536)
             .args(["-boot", "n"])
             .spawn()
             .expect("start qemu")
@@ -311,17 +312,11 @@ impl Site {
     /// enrollment words on its command line), with `disk` attached read-only as a virtio
     /// disk — e.g. a NoCloud `cidata` volume.
     pub fn direct_vm(&self, name: &str, mac: &str, disk: &Path) -> Vm {
-        static INITRD: OnceLock<PathBuf> = OnceLock::new();
-        let initrd = INITRD.get_or_init(|| {
-            let out = self.dir.join("initrd-with-rootfs.img");
-            tether_image::build::write_combined_initrd(&self.image.dir, "rootfs.squashfs", &out)
-                .expect("combine initramfs and rootfs");
-            out
-        });
-        self.vm_on_segment(name, mac)
+        let initrd = self.combined_initrd();
+        self.vm_on_segment(name, mac, 1536)
             .direct_boot(
                 &self.image.dir.join("vmlinux"),
-                initrd,
+                &initrd,
                 &self.image.manifest.cmdline,
             )
             .args([
@@ -330,6 +325,24 @@ impl Site {
             ])
             .spawn()
             .expect("start qemu")
+    }
+
+    /// The image's initramfs with its rootfs appended (what tether-pxe serves), written
+    /// once into the site's directory; for VMs that boot the kernel directly.
+    pub fn combined_initrd(&self) -> PathBuf {
+        static INITRD: OnceLock<PathBuf> = OnceLock::new();
+        INITRD
+            .get_or_init(|| {
+                let out = self.dir.join("initrd-with-rootfs.img");
+                tether_image::build::write_combined_initrd(
+                    &self.image.dir,
+                    "rootfs.squashfs",
+                    &out,
+                )
+                .expect("combine initramfs and rootfs");
+                out
+            })
+            .clone()
     }
 
     /// A NoCloud seed directory `<dir>/<name>` holding `user_data` and a `meta-data` naming

@@ -1,14 +1,17 @@
-//! A Kubernetes node joined by hand, without the agent (issue 9's first step): a tenant on
-//! the site's standalone, the store filled by `tether-image containers`, and a node booted
-//! from the image with the pinned runtime laid in and the files of
-//! [`tether_agent::node`] written — what docs/decisions.md "A node joined by hand" records.
+//! Kubernetes nodes joined by hand, without the agent (issue 9's first step): a tenant on
+//! the site's standalone, the store filled by `tether-image containers`, and machines of the
+//! image with the pinned runtime laid in and the files of [`tether_agent::node`] written —
+//! an nspawn node ([`nspawn`]) and a qemu node run by a shell script ([`qemu`]); what
+//! docs/decisions.md "A node joined by hand" records.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tether_agent::node::{Layout, cni, containerd, kubelet};
-use tether_testkit::nspawn::{Bind, Container, ContainerOptions};
+use tether_agent::node::{Layout, containerd, kubelet};
 use tether_upstream::{Cache, Component, Pins};
+
+pub mod nspawn;
+pub mod qemu;
 
 use crate::site::Site;
 
@@ -161,47 +164,19 @@ pub fn runtime_dir(dir: &Path) -> (PathBuf, PathBuf) {
     (bin, cni)
 }
 
-/// An nspawn node of the site's image, runtime bound in, containerd's state on the host's
-/// disk (overlayfs cannot stack on the container's overlay root).
-pub async fn boot_nspawn_node(site: &Site, name: &str, netns: &tether_testkit::NetNs) -> Container {
-    let layout = Layout::default();
-    let (bin, cni) = runtime_dir(&site.dir.join("runtime"));
-    let state = site.dir.join("nodes").join(name).join("containerd");
-    std::fs::create_dir_all(&state).unwrap();
-    let bind = |host: &Path, container: &str, read_only| Bind {
-        host: host.to_path_buf(),
-        container: PathBuf::from(container),
-        read_only,
-    };
-    Container::boot(
-        &site.rootfs(),
-        ContainerOptions {
-            netns: Some(netns),
-            binds: vec![
-                bind(&bin, layout.bin_dir, true),
-                bind(&cni, layout.cni_bin_dir, true),
-                bind(&state, "/var/lib/containerd", false),
-            ],
-            kubernetes_node: true,
-        },
-    )
-    .await
-    .expect("boot the image under systemd-nspawn as a Kubernetes node")
-}
-
-/// Writes containerd's and the kubelet's files into `node` and starts both: the node joins
-/// `tenant` as `name` through TLS bootstrapping, pulling through `store`.
-pub async fn join(
-    node: &Container,
+/// The files that make a machine node `name` of `tenant`, pulling through `store`: (path on
+/// the node, contents). `container_node` for nspawn nodes on this host (cgroup v1, no
+/// `CAP_SYS_RESOURCE`; docs/decisions.md "A node joined by hand").
+pub fn node_files(
     tenant: &Tenant,
     store: &str,
     name: &str,
     container_node: bool,
-) {
+) -> Vec<(String, String)> {
     let l = Layout::default();
     let pins = Pins::default();
     let sandbox = format!("registry.k8s.io/pause:{}", pins.pause);
-    let files = [
+    vec![
         (
             "/etc/containerd/config.toml".to_string(),
             containerd::config(&containerd::Options {
@@ -247,66 +222,23 @@ pub async fn join(
             "/etc/systemd/system/kubelet.service".to_string(),
             kubelet::unit(&l, name, None),
         ),
-    ];
-    for (path, text) in &files {
-        node.write_file(path, text).unwrap();
-    }
-    let systemd = node.systemd();
-    systemd.reload().await.unwrap();
-    // The image still carries Debian's containerd; ours replaces its unit.
-    systemd
-        .restart_unit("containerd.service", crate::UNIT_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("containerd: {e}\n{}", node.journal("containerd", 30)));
-    systemd
-        .start_unit("kubelet.service", crate::UNIT_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("kubelet: {e}\n{}", node.journal("kubelet", 30)));
+    ]
 }
 
-/// Once the Node has its `podCIDR`, writes the bridge network for it; returns the CIDR.
-pub fn write_cni(node: &Container, tenant: &Tenant, name: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let cidr = loop {
-        if let Ok(c) = tenant.kubectl(&["get", "node", name, "-o", "jsonpath={.spec.podCIDR}"])
-            && !c.trim().is_empty()
-        {
-            break c.trim().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {name} has no podCIDR after {timeout:?}:\n{}",
-            node.journal("kubelet", 40)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    let l = Layout::default();
-    node.write_file(
-        format!("{}/{}", l.cni_conf_dir, cni::FILE),
-        &cni::bridge_conflist(&cidr),
-    )
-    .unwrap();
-    cidr
-}
-
-/// The container logs of pod `ns/name` as the node keeps them (`kubectl logs` needs the
-/// konnectivity tunnel, which nodes do not run yet).
-pub fn pod_log(node: &Container, ns: &str, name: &str) -> String {
-    let pods = node.path("/var/log/pods");
-    let Ok(dirs) = std::fs::read_dir(&pods) else {
-        return format!("(no {})", pods.display());
-    };
-    let prefix = format!("{ns}_{name}_");
-    let mut out = String::new();
-    for d in dirs.flatten() {
-        if !d.file_name().to_string_lossy().starts_with(&prefix) {
-            continue;
-        }
-        for c in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
-            for f in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
-                out += &std::fs::read_to_string(f.path()).unwrap_or_default();
-            }
-        }
-    }
-    out
+/// Every Node's `podCIDR` and InternalIP (Nodes without either yet are left out).
+pub fn pod_networks(tenant: &Tenant) -> Vec<(String, String)> {
+    let out = tenant
+        .kubectl(&[
+            "get",
+            "nodes",
+            "-o",
+            r#"jsonpath={range .items[*]}{.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}"#,
+        ])
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| {
+            let (cidr, ip) = l.trim().split_once(' ')?;
+            Some((cidr.to_string(), ip.to_string()))
+        })
+        .collect()
 }

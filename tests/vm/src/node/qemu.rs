@@ -1,0 +1,161 @@
+//! The qemu node: the image booted under TCG on the segment (its own kernel, cgroup v2),
+//! joined by `join.sh`, which the kernel runs through systemd's stock
+//! `systemd.run=` generator from the first virtio disk — no agent, no test unit in the image.
+//! The second disk is a squashfs of what the test prepared ([`prepare`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tether_agent::node::cni;
+use tether_testkit::qemu::Vm;
+use tether_upstream::{Cache, Component};
+
+use super::{Tenant, node_files, runtime_dir};
+use crate::site::Site;
+
+const JOIN: &str = include_str!("join.sh");
+const ROUTES: &str = include_str!("routes.sh");
+
+/// The kernel command line words that run `join.sh` from `/dev/vda` once systemd is up,
+/// and keep the machine running (the generator's default is to power off when the
+/// command ends) in its usual target.
+pub const RUN_JOIN: &str = "systemd.run=\"/bin/sh /dev/vda\" systemd.run_success_action=none \
+     systemd.run_failure_action=none systemd.unit=multi-user.target \
+     systemd.wants=kernel-command-line.service";
+
+/// RAM of a qemu node: the runtime is bound from the payload disk, but containerd's
+/// images and the pods' writable layers live in RAM (a diskless node).
+pub const MEMORY_MIB: u32 = 2560;
+
+/// The two disks of node `name`: (`join.sh`, the payload squashfs).
+pub struct Disks {
+    /// The script, as a raw disk (padded to whole sectors).
+    pub script: PathBuf,
+    /// The payload squashfs.
+    pub payload: PathBuf,
+}
+
+/// Prepares node `name`'s disks: the runtime, its files for `tenant` pulling through
+/// `store`, kubectl with a token that may read Nodes (for its podCIDR and the host-gw
+/// routes), and the scripts.
+pub fn prepare(site: &Site, tenant: &Tenant, store: &str, name: &str) -> Disks {
+    let dir = site.dir.join("nodes").join(name);
+    let tree = dir.join("payload");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("root")).unwrap();
+    let (bin, cni_bin) = runtime_dir(&site.dir.join("runtime"));
+    link_dir(&bin, &tree.join("bin"));
+    link_dir(&cni_bin, &tree.join("cni"));
+    let kubectl = Cache::from_env().pinned(Component::Kubectl).unwrap();
+    link(&kubectl, &tree.join("kubectl"));
+    for (path, text) in node_files(tenant, store, name, false) {
+        let to = tree.join("root").join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(&to, text).unwrap();
+    }
+    std::fs::write(tree.join("conflist.in"), cni::bridge_conflist("@POD_CIDR@")).unwrap();
+    std::fs::write(tree.join("env"), format!("NAME={name}\n")).unwrap();
+    std::fs::write(tree.join("nodes.kubeconfig"), node_reader(tenant)).unwrap();
+    std::fs::write(tree.join("routes.sh"), ROUTES).unwrap();
+
+    let payload = dir.join("payload.squashfs");
+    let _ = std::fs::remove_file(&payload);
+    // Uncompressed: the binaries barely compress and TCG pays for every decompression.
+    run(Command::new("mksquashfs").arg(&tree).arg(&payload).args([
+        "-noappend",
+        "-quiet",
+        "-noI",
+        "-noD",
+        "-noF",
+        "-noX",
+        "-all-root",
+    ]));
+    let script = dir.join("join.disk");
+    let mut bytes = JOIN.as_bytes().to_vec();
+    bytes.resize(bytes.len().div_ceil(4096) * 4096, b'\n');
+    std::fs::write(&script, bytes).unwrap();
+    Disks { script, payload }
+}
+
+/// Boots node `name` (with `mac` on the segment) from the image's kernel and combined
+/// initrd with `disks`; it joins by itself.
+pub fn boot(site: &Site, name: &str, mac: &str, disks: &Disks) -> Vm {
+    let initrd = site.combined_initrd();
+    site.vm_on_segment(name, mac, MEMORY_MIB)
+        .direct_boot(
+            &site.image.dir.join("vmlinux"),
+            &initrd,
+            &format!("{} {RUN_JOIN}", site.image.manifest.cmdline),
+        )
+        .args([
+            "-drive".to_string(),
+            format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                disks.script.display()
+            ),
+            "-drive".to_string(),
+            format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                disks.payload.display()
+            ),
+        ])
+        .spawn()
+        .expect("start qemu")
+}
+
+/// A kubeconfig for a ServiceAccount that may get and list Nodes (the kubelet's own
+/// credentials may read only its own Node, and the routes need all of them).
+fn node_reader(tenant: &Tenant) -> String {
+    let rbac = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: hostgw, namespace: kube-system}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: hostgw}\n\
+         rules: [{apiGroups: [\"\"], resources: [nodes], verbs: [get, list]}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: hostgw}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: hostgw}\n\
+         subjects: [{kind: ServiceAccount, name: hostgw, namespace: kube-system}]\n";
+    let file = tenant.admin.with_extension("hostgw.yaml");
+    std::fs::write(&file, rbac).unwrap();
+    tenant
+        .kubectl(&["apply", "-f", &file.display().to_string()])
+        .unwrap();
+    let token = tenant
+        .kubectl(&[
+            "-n",
+            "kube-system",
+            "create",
+            "token",
+            "hostgw",
+            "--duration=2h",
+        ])
+        .unwrap();
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(&tenant.ca);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: t\n  cluster:\n    server: {}\n    \
+         certificate-authority-data: {ca}\nusers:\n- name: hostgw\n  user:\n    token: {}\n\
+         contexts:\n- name: t\n  context: {{cluster: t, user: hostgw}}\ncurrent-context: t\n",
+        tenant.endpoint,
+        token.trim()
+    )
+}
+
+fn link_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        link(&e.path(), &to.join(e.file_name()));
+    }
+}
+
+fn link(from: &Path, to: &Path) {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
