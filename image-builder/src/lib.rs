@@ -12,6 +12,7 @@ pub mod error;
 pub mod gpt;
 pub mod kernel;
 pub mod keys;
+pub mod node_artifacts;
 pub mod spec;
 
 pub use error::{Error, Result};

@@ -51,6 +51,17 @@ enum Command {
         #[arg(long, default_value = "/var/tmp/tether-containers")]
         work: PathBuf,
     },
+    /// Push the binaries a node installs (kubelet, containerd and its runc shim, runc, the
+    /// CNI plugins) from the pinned cache to the artifact store at STORE, each as an OCI
+    /// artifact `tether/node/<name>:<version>` whose one layer is the binary.
+    NodeArtifacts {
+        /// The artifact store's address.
+        #[arg(long)]
+        push: String,
+        /// Where the OCI layouts are written.
+        #[arg(long, default_value = "/var/tmp/tether-containers")]
+        work: PathBuf,
+    },
     /// Make an ed25519 key pair (signing.key, signing.pub) in DIR.
     Keygen {
         /// Directory for the key files.
@@ -105,6 +116,20 @@ fn main() {
                     }
                 },
             )
+        }
+        Command::NodeArtifacts { push, work } => {
+            tether_image::node_artifacts::push_all(&push, &tether_upstream::Pins::default(), &work)
+                .map(|pushed| {
+                    for a in pushed {
+                        println!(
+                            "{} {} {} bytes, blob {}",
+                            a.reference,
+                            a.manifest,
+                            a.size,
+                            a.blob_path()
+                        );
+                    }
+                })
         }
         Command::Keygen { dir } => keys::keygen(&dir).map(|()| {
             println!("wrote {0}/signing.key and {0}/signing.pub", dir.display());
