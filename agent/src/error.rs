@@ -78,6 +78,36 @@ pub enum Error {
         /// The API's reason and message.
         error: ApiError,
     },
+    /// A download from the artifact store failed (network, HTTP status, size); a partial
+    /// file is kept for the next attempt to resume unless it cannot be right.
+    #[error("download {url}: {detail}")]
+    Download {
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A downloaded artifact is not what the desired config names: it was removed and
+    /// nothing was installed.
+    #[error("download {url}: sha256 {actual}, expected {expected}; removed, nothing installed")]
+    DigestMismatch {
+        /// The URL.
+        url: String,
+        /// The digest asked for.
+        expected: String,
+        /// The digest received.
+        actual: String,
+    },
+    /// Not enough room for a download.
+    #[error("{path}: {free} bytes free, {need} needed")]
+    NoSpace {
+        /// The directory.
+        path: PathBuf,
+        /// Bytes needed (with head room).
+        need: u64,
+        /// Bytes free.
+        free: u64,
+    },
     /// Keys, CSRs or certificates.
     #[error("{what}: {detail}")]
     Crypto {
@@ -106,7 +136,10 @@ impl Error {
     /// a malformed input or a refused token does not get better by retrying.
     pub fn retriable(&self) -> bool {
         match self {
-            Error::Unreachable { .. } | Error::Timeout { .. } | Error::Untrusted { .. } => true,
+            Error::Unreachable { .. }
+            | Error::Timeout { .. }
+            | Error::Untrusted { .. }
+            | Error::Download { .. } => true,
             Error::Refused { error, .. } => error.reason.retriable(),
             _ => false,
         }

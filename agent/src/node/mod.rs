@@ -5,6 +5,7 @@
 
 pub mod cni;
 pub mod containerd;
+pub mod download;
 pub mod kubelet;
 
 /// Where the node runtime lives. The image's `/usr` and `/opt` are read-only, so binaries

@@ -3,4 +3,5 @@
 //! once per run for all of them.
 
 mod enroll;
+mod node_artifacts;
 mod node_runtime;
