@@ -2,8 +2,8 @@
 # A machine of the Tether image joined to a tenant by hand, without the agent (issue 9's
 # test script; docs/decisions.md "A node joined by hand"). The kernel runs it from the
 # first virtio disk (`systemd.run="/bin/sh /dev/vda"`); the second disk is a squashfs of
-# what the test prepared: bin/ (containerd, runc, kubelet), cni/, root/ (the node's files),
-# kubectl, a kubeconfig allowed to read Nodes, the CNI conflist template and `env`.
+# what the test prepared: the list of node artifacts in the store, root/ (the node's
+# files), kubectl, a kubeconfig allowed to read Nodes, the CNI conflist template and `env`.
 set -eu
 P=/run/handjoin
 STEP=start
@@ -15,10 +15,21 @@ mkdir -p $P
 mount -t squashfs -o ro /dev/vdb $P
 . $P/env
 hostname "$NAME"
-# The pinned runtime, read-only, where the agent will install it.
+step wait for the network
+# (The generator's unit starts after basic.target, before DHCP is done.)
+/lib/systemd/systemd-networkd-wait-online --timeout=120
+step download the runtime from the store
+# The pinned runtime from the store by digest (`artifacts`: dir, name, sha256, blob path),
+# checked before use and renamed into place, where the agent will install it.
 mkdir -p /var/lib/tether/bin /var/lib/tether/cni/bin
-mount -o bind,ro $P/bin /var/lib/tether/bin
-mount -o bind,ro $P/cni /var/lib/tether/cni/bin
+while read -r dir name digest path; do
+	f=/var/lib/tether/$dir/$name
+	busybox wget -q -O "$f.part" "http://$STORE$path"
+	echo "$digest  $f.part" | sha256sum -c --status
+	chmod 0755 "$f.part"
+	mv "$f.part" "$f"
+done <$P/artifacts
+say "runtime downloaded from the store"
 step write the node files
 # (-R without -a: / itself is the read-only rootfs; /etc and /var are its overlays.)
 for top in $P/root/*; do cp -R "$top/." "/${top##*/}/"; done

@@ -6,11 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tether_agent::node::cni;
+use tether_agent::node::{Layout, cni};
+use tether_image::node_artifacts::NodeArtifact;
 use tether_testkit::qemu::Vm;
-use tether_upstream::{Cache, Component};
+use tether_upstream::{Cache, Component, Module};
 
-use super::{Tenant, node_files, runtime_dir};
+use super::{Tenant, node_files};
 use crate::site::Site;
 
 const JOIN: &str = include_str!("join.sh");
@@ -23,8 +24,8 @@ pub const RUN_JOIN: &str = "systemd.run=\"/bin/sh /dev/vda\" systemd.run_success
      systemd.run_failure_action=none systemd.unit=multi-user.target \
      systemd.wants=kernel-command-line.service";
 
-/// RAM of a qemu node: the runtime is bound from the payload disk, but containerd's
-/// images and the pods' writable layers live in RAM (a diskless node).
+/// RAM of a qemu node: a diskless node keeps its downloaded runtime, containerd's images
+/// and the pods' writable layers in RAM.
 pub const MEMORY_MIB: u32 = 2560;
 
 /// The two disks of node `name`: (`join.sh`, the payload squashfs).
@@ -35,17 +36,22 @@ pub struct Disks {
     pub payload: PathBuf,
 }
 
-/// Prepares node `name`'s disks: the runtime, its files for `tenant` pulling through
-/// `store`, kubectl with a token that may read Nodes (for its podCIDR and the host-gw
-/// routes), and the scripts.
-pub fn prepare(site: &Site, tenant: &Tenant, store: &str, name: &str) -> Disks {
+/// Prepares node `name`'s disks: where its runtime is in `store` (`artifacts`, pushed by
+/// `tether-image node-artifacts`), its files for `tenant` pulling through `store`, kubectl
+/// with a token that may read Nodes (for its podCIDR and the host-gw routes), and the
+/// scripts.
+pub fn prepare(
+    site: &Site,
+    tenant: &Tenant,
+    store: &str,
+    artifacts: &[NodeArtifact],
+    name: &str,
+) -> Disks {
     let dir = site.dir.join("nodes").join(name);
     let tree = dir.join("payload");
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(tree.join("root")).unwrap();
-    let (bin, cni_bin) = runtime_dir(&site.dir.join("runtime"));
-    link_dir(&bin, &tree.join("bin"));
-    link_dir(&cni_bin, &tree.join("cni"));
+    std::fs::write(tree.join("artifacts"), artifact_list(artifacts)).unwrap();
     let kubectl = Cache::from_env().pinned(Component::Kubectl).unwrap();
     link(&kubectl, &tree.join("kubectl"));
     for (path, text) in node_files(tenant, store, name, false) {
@@ -54,7 +60,7 @@ pub fn prepare(site: &Site, tenant: &Tenant, store: &str, name: &str) -> Disks {
         std::fs::write(&to, text).unwrap();
     }
     std::fs::write(tree.join("conflist.in"), cni::bridge_conflist("@POD_CIDR@")).unwrap();
-    std::fs::write(tree.join("env"), format!("NAME={name}\n")).unwrap();
+    std::fs::write(tree.join("env"), format!("NAME={name}\nSTORE={store}\n")).unwrap();
     std::fs::write(tree.join("nodes.kubeconfig"), node_reader(tenant)).unwrap();
     std::fs::write(tree.join("routes.sh"), ROUTES).unwrap();
 
@@ -138,11 +144,27 @@ fn node_reader(tenant: &Tenant) -> String {
     )
 }
 
-fn link_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        link(&e.path(), &to.join(e.file_name()));
-    }
+/// `join.sh`'s download list: one line per binary — directory under `/var/lib/tether`,
+/// file name, sha256, blob path in the store.
+fn artifact_list(artifacts: &[NodeArtifact]) -> String {
+    let layout = Layout::default();
+    artifacts
+        .iter()
+        .map(|a| {
+            let dir = if a.component.module() == Module::CniPlugins {
+                layout.cni_bin_dir
+            } else {
+                layout.bin_dir
+            };
+            format!(
+                "{} {} {} {}\n",
+                dir.trim_start_matches("/var/lib/tether/"),
+                a.component.name(),
+                a.blob.trim_start_matches("sha256:"),
+                a.blob_path()
+            )
+        })
+        .collect()
 }
 
 fn link(from: &Path, to: &Path) {

@@ -18,6 +18,10 @@ const READY: &str = r#"{.status.conditions[?(@.type=="Ready")].status}"#;
 /// What the qemu node's console shows, in order, as it joins (`join.sh`).
 const QEMU_PHASES: &[(&str, &str)] = &[
     ("rootfs verified", "tether-initramfs: rootfs verified"),
+    (
+        "runtime downloaded from the store, checked",
+        "handjoin: runtime downloaded from the store",
+    ),
     ("containerd running", "handjoin: containerd started"),
     ("kubelet running", "handjoin: kubelet started"),
     ("podCIDR assigned, CNI written", "handjoin: pod network"),
@@ -45,15 +49,25 @@ async fn two_nodes_joined_by_hand_run_the_store_images_and_reach_each_other() {
         .unwrap()
         .expect("build and push the container images")
     };
+    let artifacts = {
+        let (store, work) = (store.clone(), site.dir.join("containers"));
+        tokio::task::spawn_blocking(move || {
+            tether_image::node_artifacts::push_all(&store, &Pins::default(), &work)
+        })
+        .await
+        .unwrap()
+        .expect("push the node artifacts")
+    };
     eprintln!(
-        "tenant Ready and {} images pushed after {:?}",
+        "tenant Ready, {} images and {} node artifacts pushed after {:?}",
         pushed.len(),
+        artifacts.len(),
         started.elapsed()
     );
 
     // The qemu node first: it is the slow one, and joins by itself once booted.
     let qname = "hand-qemu";
-    let disks = qemu::prepare(site, &tenant, &store, qname);
+    let disks = qemu::prepare(site, &tenant, &store, &artifacts, qname);
     let mut vm = qemu::boot(site, qname, &site.next_mac(), &disks);
 
     let nname = "hand-nspawn";
@@ -146,7 +160,7 @@ async fn two_nodes_joined_by_hand_run_the_store_images_and_reach_each_other() {
             "--field-selector",
             "reason=Pulled",
             "-o",
-            "jsonpath={range .items[*]}{.reportingInstance}{.source.host}: {.message}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.source.host}: {.message}{\"\\n\"}{end}",
         ])
         .unwrap_or_default();
     for line in pulls.lines().filter(|l| l.contains("Successfully pulled")) {
@@ -165,6 +179,14 @@ async fn two_nodes_joined_by_hand_run_the_store_images_and_reach_each_other() {
         assert!(
             log.contains(manifest),
             "the store's log shows no {manifest}"
+        );
+    }
+    // The qemu node fetched its runtime from the store by digest.
+    for a in &artifacts {
+        assert!(
+            log.contains(&a.blob_path()),
+            "the store's log shows no GET of {}",
+            a.blob_path()
         );
     }
 
