@@ -173,6 +173,8 @@ pub const PACKAGES: &[&str] = &[
     "linux-image-amd64",
     "dnsmasq-base",
     "nginx-light",
+    // The reference client of `xtask bench store`.
+    "curl",
     // tether-operator: PostgreSQL for the kine datastore test (initdb/pg_ctl/psql), openssl
     // to cross-check the CA pin the way kubeadm documents it.
     "postgresql",

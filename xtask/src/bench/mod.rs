@@ -7,11 +7,12 @@ mod deps;
 mod enroll;
 mod image;
 mod pxe;
+mod store;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["cp", "deps", "enroll", "image", "pxe"];
+pub const AREAS: &[&str] = &["cp", "deps", "enroll", "image", "pxe", "store"];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
@@ -21,6 +22,7 @@ pub fn run(area: &str, cold: bool) -> Result<(), Error> {
         "enroll" => enroll::run(),
         "image" => image::run(cold),
         "pxe" => pxe::run(),
+        "store" => store::run(),
         other => Err(Error::Usage(format!(
             "unknown bench area {other:?}; available: {}",
             AREAS.join(", ")
