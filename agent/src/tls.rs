@@ -156,6 +156,18 @@ pub fn mutual(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<ClientConfi
         .map_err(crypto("use the machine certificate"))
 }
 
+/// The config of a client that speaks plain HTTP (NoCloud seeds, the artifact store, whose
+/// content is checked by digest): it trusts no certificate, so an `https://` URL fails
+/// instead of being trusted by accident — and reqwest needs a config to build a client at
+/// all without a process-wide crypto provider.
+pub fn trusts_nothing() -> Result<ClientConfig> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(crypto("TLS versions"))?
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 /// Every certificate in a PEM text.
 pub fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())

@@ -123,6 +123,7 @@ async fn fetch_seed(root: &Path, uri: &str) -> std::result::Result<Documents, St
         ));
     }
     let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::tls::trusts_nothing().map_err(|e| e.to_string())?)
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(20))
         .build()

@@ -47,6 +47,7 @@ pub enum Outcome {
 /// and read stalls, no limit on a whole transfer of a large binary.
 pub fn client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::tls::trusts_nothing()?)
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(std::time::Duration::from_secs(30))
         .build()
@@ -255,6 +256,13 @@ fn install(part: &Path, dest: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_builds_without_a_process_wide_crypto_provider() {
+        // (The agent installs no default provider; reqwest panics without one unless it is
+        // given a config.)
+        client().unwrap();
+    }
 
     #[test]
     fn part_file_sits_beside_dest() {
