@@ -48,6 +48,21 @@ enum Command {
     },
     /// Print the facts the agent reports (JSON) and where its inputs come from.
     Facts,
+    /// Fetch one artifact by digest the way the agent installs node binaries (resumable
+    /// `.part`, size and sha256 checked, renamed into place) and print what it did.
+    Fetch {
+        /// The blob's URL (`http://STORE/v2/<repo>/blobs/sha256:…`).
+        #[arg(long)]
+        url: String,
+        /// Its sha256 (hex).
+        #[arg(long)]
+        sha256: String,
+        /// Its size in bytes.
+        #[arg(long)]
+        size: u64,
+        /// Where to put it.
+        dest: PathBuf,
+    },
 }
 
 fn seed(
@@ -103,6 +118,25 @@ async fn main() -> ExitCode {
                     .map_err(|e| e.to_string()),
             }
         }
+        Command::Fetch {
+            url,
+            sha256,
+            size,
+            dest,
+        } => match tether_agent::node::download::client() {
+            Err(e) => Err(e.to_string()),
+            Ok(client) => {
+                let want = tether_agent::node::download::Want {
+                    url: &url,
+                    sha256: &sha256,
+                    size,
+                };
+                tether_agent::node::download::fetch(&client, &want, &dest)
+                    .await
+                    .map(|outcome| println!("{}: {outcome:?}", dest.display()))
+                    .map_err(|e| e.to_string())
+            }
+        },
         Command::Facts => {
             let boot = inputs::boot_params(&root).unwrap_or_default();
             let f = facts::gather(&root, &boot, &facts::live_links());

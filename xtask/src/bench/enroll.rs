@@ -79,7 +79,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((p / 100.0) * (sorted.len() - 1) as f64).round() as usize]
 }
 
-fn release_binaries(root: &Path) -> Result<PathBuf, Error> {
+/// Builds the release operator and agent; returns their directory.
+pub(super) fn release_binaries(root: &Path) -> Result<PathBuf, Error> {
     println!(
         "==> cargo build --release -p tether-operator -p tether-agent (a few minutes the first time)"
     );
