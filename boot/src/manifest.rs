@@ -22,6 +22,10 @@ use crate::error::{Error, Result};
 pub const PUBLIC_KEY_PATH: &str = "usr/share/tether/image-signing.pub";
 /// Where the image's version lives inside the rootfs (what the agent reports).
 pub const IMAGE_VERSION_PATH: &str = "usr/share/tether/version";
+/// The pause image baked into the rootfs, an OCI layout tarball named
+/// `registry.k8s.io/pause:<version>` for `ctr images import`: a node starts its first pod
+/// without pulling anything.
+pub const PAUSE_ARCHIVE_PATH: &str = "usr/share/tether/images/pause.tar";
 
 /// One artifact as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,12 +20,13 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use tether_upstream::{Cache, debian};
+use tether_upstream::{Cache, Pins, debian};
 
 use tether_boot::cmdline::PXE_ROOTFS_PATH;
 use tether_boot::manifest::{self, ArtifactDigest, Manifest, Verity};
 
 use crate::boot;
+use crate::containers::{self, ContainerImage};
 use crate::cpio::{Archive, Entry};
 use crate::spec::{RootfsFormat, Spec};
 use crate::{Error, Result, disk, kernel, keys};
@@ -321,7 +322,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let staging = out_parent.join(format!(".{name}.partial-{}", std::process::id()));
     clean_partials(&out_parent, &format!(".{name}.partial-"));
     let tree = cache_dir.join(format!("work/tree-{}", std::process::id()));
-    let guard = Cleanup(vec![staging.clone(), tree.clone()]);
+    let containers_work = cache_dir.join(format!("work/containers-{}", std::process::id()));
+    let guard = Cleanup(vec![staging.clone(), tree.clone(), containers_work.clone()]);
     fs::create_dir_all(&staging).map_err(Error::io("create", &staging))?;
 
     let t = Instant::now();
@@ -344,9 +346,17 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         &kernel_dir,
         &kver,
     )?;
+    progress(&mut report, "customize tree", t);
+    let t = Instant::now();
+    containers::oci_archive(
+        ContainerImage::Pause,
+        &Pins::default(),
+        &containers_work,
+        &tree.join(manifest::PAUSE_ARCHIVE_PATH),
+    )?;
     clamp_mtimes(&tree, epoch)?;
     let installed = installed_packages(&tree)?;
-    progress(&mut report, "customize tree", t);
+    progress(&mut report, "pause image", t);
 
     let t = Instant::now();
     let rootfs_name = format!("rootfs.{}", spec.rootfs_format.fstype());

@@ -19,7 +19,10 @@ use std::process::Command;
 
 use tether_upstream::{Cache, Component, Pins, debian};
 
+use serde_json::json;
+
 use crate::build::run;
+use crate::oci::{self, Layout};
 use crate::{Error, Result};
 
 /// One image of the store.
@@ -143,6 +146,54 @@ pub fn push(image: ContainerImage, store: &str, pins: &Pins, work: &Path) -> Res
         reference: image.reference(pins),
         pinned,
     })
+}
+
+/// Builds `image` and writes it as an OCI image layout tarball at `out`, its index entry
+/// named with the image's usual reference (`io.containerd.image.name`, for `ctr images
+/// import`); `work` holds the layers. Reproducible: the same pins give the same bytes.
+pub fn oci_archive(image: ContainerImage, pins: &Pins, work: &Path, out: &Path) -> Result<()> {
+    fs::create_dir_all(work).map_err(Error::io("create", work))?;
+    let layers = layers(image, pins, work)?;
+    let dir = work.join(format!("{image:?}-layout").to_lowercase());
+    let layout = Layout::create(&dir)?;
+    let mut descriptors = Vec::new();
+    for l in &layers {
+        descriptors.push(layout.add_file("application/vnd.oci.image.layer.v1.tar", l)?);
+    }
+    let (entrypoint, user) = image.config();
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": [entrypoint], "User": user},
+        "rootfs": {
+            "type": "layers",
+            // Uncompressed layers: the diff IDs are the layers' own digests.
+            "diff_ids": descriptors.iter().map(|d| d.digest.clone()).collect::<Vec<_>>(),
+        },
+    });
+    let config = layout.add_bytes(
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config).expect("serialise"),
+    )?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": oci::MANIFEST,
+        "config": config.to_json(json!({})),
+        "layers": descriptors.iter().map(|d| d.to_json(json!({}))).collect::<Vec<_>>(),
+    });
+    let reference = image.reference(pins);
+    let tag = reference.rsplit(':').next().unwrap_or_default().to_string();
+    layout.finish(
+        &manifest,
+        json!({"annotations": {
+            "io.containerd.image.name": reference,
+            "org.opencontainers.image.ref.name": tag,
+        }}),
+    )?;
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+    }
+    tar_tree(&dir, out)
 }
 
 /// The image's layer tarballs, bottom first.

@@ -13,6 +13,7 @@ pub mod gpt;
 pub mod kernel;
 pub mod keys;
 pub mod node_artifacts;
+pub mod oci;
 pub mod spec;
 
 pub use error::{Error, Result};

@@ -8,16 +8,15 @@
 //! written as an OCI image layout and `crane push`ed to `tether/node/<name>:<version>`. The
 //! manifest carries no timestamp: pushing the same binary twice gives the same digest.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use serde_json::json;
-use sha2::{Digest, Sha256};
+use serde_json::{Value, json};
 use tether_upstream::{Cache, Component, Pins};
 
+use crate::Result;
 use crate::build::run;
-use crate::{Error, Result};
+use crate::oci::{self, Descriptor, Layout};
 
 /// What a node artifact's manifest says it is.
 pub const ARTIFACT_TYPE: &str = "application/vnd.tether.node.binary.v1";
@@ -79,7 +78,7 @@ pub fn push(component: Component, store: &str, pins: &Pins, work: &Path) -> Resu
     let version = pins.version_for(component, pins.kubernetes)?;
     let binary = Cache::from_env().lookup(component, &version)?;
     let dir = work.join("node-artifacts").join(component.name());
-    let (manifest, blob, size) = write_layout(&dir, &binary, component.name(), &version)?;
+    let (manifest, blob) = write_layout(&dir, &binary, component.name(), &version)?;
     let reference = format!("{}:{version}", repository(component));
     let crane = Cache::from_env().lookup(
         Component::Crane,
@@ -92,134 +91,78 @@ pub fn push(component: Component, store: &str, pins: &Pins, work: &Path) -> Resu
     Ok(NodeArtifact {
         component,
         reference,
-        manifest,
-        blob,
-        size,
+        manifest: manifest.digest,
+        blob: blob.digest,
+        size: blob.size,
     })
 }
 
-/// The artifact manifest of a binary `name` at `version` with digest `blob` and `size`.
-pub fn manifest(name: &str, version: &str, blob: &str, size: u64) -> Vec<u8> {
-    let m = json!({
+/// The artifact manifest of a binary `name` at `version` described by `blob`, with the
+/// empty config `config`.
+pub fn manifest(name: &str, version: &str, blob: &Descriptor, config: &Descriptor) -> Value {
+    json!({
         "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "mediaType": oci::MANIFEST,
         "artifactType": ARTIFACT_TYPE,
-        "config": {
-            "mediaType": "application/vnd.oci.empty.v1+json",
-            "digest": sha256_digest(EMPTY_CONFIG),
-            "size": EMPTY_CONFIG.len(),
-        },
-        "layers": [{
-            "mediaType": "application/octet-stream",
-            "digest": blob,
-            "size": size,
+        "config": config.to_json(json!({})),
+        "layers": [blob.to_json(json!({
             "annotations": {"org.opencontainers.image.title": name},
-        }],
+        }))],
         "annotations": {"org.opencontainers.image.version": version},
-    });
-    serde_json::to_vec(&m).expect("serialise")
-}
-
-/// `sha256:<hex>` of `data`.
-pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    })
 }
 
 /// Writes an OCI image layout holding the artifact of `binary` into `dir` (replacing it);
-/// returns the manifest digest, the binary's digest and size.
+/// returns the manifest's and the binary's descriptors.
 fn write_layout(
     dir: &Path,
     binary: &Path,
     name: &str,
     version: &str,
-) -> Result<(String, String, u64)> {
-    if dir.exists() {
-        fs::remove_dir_all(dir).map_err(Error::io("remove", dir))?;
-    }
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).map_err(Error::io("create", &blobs))?;
-    let data = fs::read(binary).map_err(Error::io("read", binary))?;
-    let blob = sha256_digest(&data);
-    let size = data.len() as u64;
-    drop(data);
-    let blob_file = blob_path(&blobs, &blob);
-    if fs::hard_link(binary, &blob_file).is_err() {
-        fs::copy(binary, &blob_file).map_err(Error::io("copy", binary))?;
-    }
-    write(
-        &blob_path(&blobs, &sha256_digest(EMPTY_CONFIG)),
-        EMPTY_CONFIG,
+) -> Result<(Descriptor, Descriptor)> {
+    let layout = Layout::create(dir)?;
+    let blob = layout.add_file("application/octet-stream", binary)?;
+    let config = layout.add_bytes("application/vnd.oci.empty.v1+json", EMPTY_CONFIG)?;
+    let m = layout.finish(
+        &manifest(name, version, &blob, &config),
+        json!({"artifactType": ARTIFACT_TYPE}),
     )?;
-    let manifest = manifest(name, version, &blob, size);
-    let manifest_digest = sha256_digest(&manifest);
-    write(&blob_path(&blobs, &manifest_digest), &manifest)?;
-    let index = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "artifactType": ARTIFACT_TYPE,
-            "digest": manifest_digest,
-            "size": manifest.len(),
-        }],
-    });
-    write(
-        &dir.join("index.json"),
-        &serde_json::to_vec(&index).expect("serialise"),
-    )?;
-    write(
-        &dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    Ok((manifest_digest, blob, size))
-}
-
-fn blob_path(blobs: &Path, digest: &str) -> PathBuf {
-    blobs.join(digest.trim_start_matches("sha256:"))
-}
-
-fn write(path: &Path, data: &[u8]) -> Result<()> {
-    fs::write(path, data).map_err(Error::io("write", path))
+    Ok((m, blob))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::sha256_digest;
+
+    fn desc(media_type: &str, data: &[u8]) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: sha256_digest(data),
+            size: data.len() as u64,
+        }
+    }
 
     #[test]
     fn manifest_is_an_artifact_of_one_binary_layer() {
-        let blob = sha256_digest(b"binary");
-        let m: serde_json::Value =
-            serde_json::from_slice(&manifest("kubelet", "v1.36.3", &blob, 6)).unwrap();
+        let blob = desc("application/octet-stream", b"binary");
+        let config = desc("application/vnd.oci.empty.v1+json", EMPTY_CONFIG);
+        let m = manifest("kubelet", "v1.36.3", &blob, &config);
         assert_eq!(m["artifactType"], ARTIFACT_TYPE);
         assert_eq!(
             m["config"]["mediaType"],
             "application/vnd.oci.empty.v1+json"
         );
-        // The well-known digest of `{}` (OCI image-spec, "Guidance for an Empty Descriptor").
-        assert_eq!(
-            m["config"]["digest"],
-            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-        );
         assert_eq!(m["layers"].as_array().unwrap().len(), 1);
-        assert_eq!(m["layers"][0]["digest"], blob.as_str());
+        assert_eq!(m["layers"][0]["digest"], blob.digest.as_str());
         assert_eq!(m["layers"][0]["size"], 6);
         assert_eq!(
             m["layers"][0]["annotations"]["org.opencontainers.image.title"],
             "kubelet"
         );
-    }
-
-    #[test]
-    fn same_binary_same_manifest() {
-        let blob = sha256_digest(b"x");
         assert_eq!(
-            manifest("runc", "v1.5.3", &blob, 1),
-            manifest("runc", "v1.5.3", &blob, 1)
-        );
-        assert_ne!(
-            manifest("runc", "v1.5.3", &blob, 1),
-            manifest("runc", "v1.5.4", &blob, 1)
+            m["annotations"]["org.opencontainers.image.version"],
+            "v1.36.3"
         );
     }
 
@@ -236,25 +179,18 @@ mod tests {
     }
 
     #[test]
-    fn layout_holds_index_manifest_config_and_blob() {
+    fn same_binary_same_digests() {
         let t = tempfile::tempdir().unwrap();
         let bin = t.path().join("kubelet");
-        fs::write(&bin, b"ELF pretend").unwrap();
+        std::fs::write(&bin, b"ELF pretend").unwrap();
         let dir = t.path().join("layout");
-        let (m, b, size) = write_layout(&dir, &bin, "kubelet", "v1.36.3").unwrap();
-        assert_eq!(size, 11);
-        assert_eq!(b, sha256_digest(b"ELF pretend"));
-        let index: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
-        assert_eq!(index["manifests"][0]["digest"], m.as_str());
-        for d in [&m, &b, &sha256_digest(EMPTY_CONFIG)] {
-            let f = blob_path(&dir.join("blobs/sha256"), d);
-            assert_eq!(sha256_digest(&fs::read(&f).unwrap()), *d, "{}", f.display());
-        }
-        // Writing again replaces, and gives the same digests.
+        let (m, b) = write_layout(&dir, &bin, "kubelet", "v1.36.3").unwrap();
+        assert_eq!(b.digest, sha256_digest(b"ELF pretend"));
         assert_eq!(
             write_layout(&dir, &bin, "kubelet", "v1.36.3").unwrap(),
-            (m, b, size)
+            (m.clone(), b)
         );
+        let (other, _) = write_layout(&dir, &bin, "kubelet", "v1.36.4").unwrap();
+        assert_ne!(other.digest, m.digest, "the version is in the manifest");
     }
 }
