@@ -3,7 +3,7 @@
 # test script; docs/decisions.md "A node joined by hand"). The kernel runs it from the
 # first virtio disk (`systemd.run="/bin/sh /dev/vda"`); the second disk is a squashfs of
 # what the test prepared: the list of node artifacts in the store, root/ (the node's
-# files), kubectl, a kubeconfig allowed to read Nodes, the CNI conflist template and `env`.
+# files), kubectl and ctr, a kubeconfig allowed to read Nodes, the CNI conflist template and `env`.
 set -eu
 P=/run/handjoin
 STEP=start
@@ -37,6 +37,9 @@ step start containerd
 systemctl daemon-reload
 systemctl start containerd.service
 say "containerd started"
+step import the image's pause
+# The image bakes the pause image in; the first pod starts without a pull.
+$P/ctr -n k8s.io images import /usr/share/tether/images/pause.tar >/dev/null
 step start the kubelet
 systemctl start kubelet.service
 say "kubelet started"

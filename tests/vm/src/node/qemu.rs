@@ -38,8 +38,8 @@ pub struct Disks {
 
 /// Prepares node `name`'s disks: where its runtime is in `store` (`artifacts`, pushed by
 /// `tether-image node-artifacts`), its files for `tenant` pulling through `store`, kubectl
-/// with a token that may read Nodes (for its podCIDR and the host-gw routes), and the
-/// scripts.
+/// with a token that may read Nodes (for its podCIDR and the host-gw routes), ctr (to
+/// import the image's pause), and the scripts.
 pub fn prepare(
     site: &Site,
     tenant: &Tenant,
@@ -52,8 +52,12 @@ pub fn prepare(
     let _ = std::fs::remove_dir_all(&tree);
     std::fs::create_dir_all(tree.join("root")).unwrap();
     std::fs::write(tree.join("artifacts"), artifact_list(artifacts)).unwrap();
-    let kubectl = Cache::from_env().pinned(Component::Kubectl).unwrap();
-    link(&kubectl, &tree.join("kubectl"));
+    // Tools of the by-hand join (a node runs neither; the agent will talk to the API and
+    // to containerd itself).
+    for tool in [Component::Kubectl, Component::Ctr] {
+        let from = Cache::from_env().pinned(tool).unwrap();
+        link(&from, &tree.join(tool.name()));
+    }
     for (path, text) in node_files(tenant, store, name, false) {
         let to = tree.join("root").join(path.trim_start_matches('/'));
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();

@@ -181,6 +181,28 @@ async fn two_nodes_joined_by_hand_run_the_store_images_and_reach_each_other() {
             "the store's log shows no {manifest}"
         );
     }
+    // The qemu node pulled kube-proxy from the store but not pause: the image bakes it in.
+    let qemu_ip = tenant
+        .kubectl(&[
+            "get",
+            "node",
+            qname,
+            "-o",
+            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#,
+        ])
+        .unwrap();
+    let from_qemu = |path: &str| {
+        log.lines()
+            .any(|l| l.contains(path) && l.contains(&format!("{}:", qemu_ip.trim())))
+    };
+    assert!(
+        from_qemu("/v2/kube-proxy/manifests/"),
+        "the store's log shows no kube-proxy pull from the qemu node ({qemu_ip})"
+    );
+    assert!(
+        !from_qemu("/v2/pause/manifests/"),
+        "the qemu node pulled pause although the image has it"
+    );
     // The qemu node fetched its runtime from the store by digest.
     for a in &artifacts {
         assert!(
