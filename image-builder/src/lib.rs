@@ -4,6 +4,7 @@
 //! table tests; [`build`] is the I/O pipeline that drives mmdebstrap and friends.
 
 pub mod boot;
+pub mod boot_artifacts;
 pub mod build;
 pub mod containers;
 pub mod cpio;

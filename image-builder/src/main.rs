@@ -62,6 +62,22 @@ enum Command {
         #[arg(long, default_value = "/var/tmp/tether-containers")]
         work: PathBuf,
     },
+    /// Verify the built image in DIR and push it to the artifact store at STORE as one OCI
+    /// artifact `tether/boot/<name>:<version>`: each file a raw layer whose digest is the
+    /// sha256 its manifest and BootImage carry.
+    BootArtifacts {
+        /// The image directory (`tether-image build -o DIR`).
+        dir: PathBuf,
+        /// The public key the image must be signed with.
+        #[arg(long)]
+        public_key: PathBuf,
+        /// The artifact store's address.
+        #[arg(long)]
+        push: String,
+        /// Where the OCI layout is written.
+        #[arg(long, default_value = "/var/tmp/tether-containers")]
+        work: PathBuf,
+    },
     /// Make an ed25519 key pair (signing.key, signing.pub) in DIR.
     Keygen {
         /// Directory for the key files.
@@ -131,6 +147,19 @@ fn main() {
                     }
                 })
         }
+        Command::BootArtifacts {
+            dir,
+            public_key,
+            push,
+            work,
+        } => keys::read_public_key(&public_key)
+            .and_then(|k| tether_image::boot_artifacts::push(&dir, &k, &push, &work))
+            .map(|p| {
+                println!("{} {}", p.reference, p.manifest);
+                for (file, digest) in p.files {
+                    println!("  {file} {digest}");
+                }
+            }),
         Command::Keygen { dir } => keys::keygen(&dir).map(|()| {
             println!("wrote {0}/signing.key and {0}/signing.pub", dir.display());
         }),

@@ -173,3 +173,71 @@ async fn node_artifacts_are_fetched_by_digest_resumed_and_checked() {
     assert!(err.to_string().contains("HTTP 404"), "{err}");
     assert!(!dest.exists() && !part_path(&dest).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_image_is_in_the_store_by_its_manifest_digests_and_a_tampered_one_is_refused() {
+    let site = site();
+    let store = tether_testkit::published::artifact_store(&site.kubeconfig).unwrap();
+    let public = tether_image::keys::read_public_key(&site.image.key).unwrap();
+    let work = site.dir.join("containers");
+    let pushed = {
+        let (dir, store, work) = (site.image.dir.clone(), store.clone(), work.clone());
+        tokio::task::spawn_blocking(move || {
+            tether_image::boot_artifacts::push(&dir, &public, &store, &work)
+        })
+        .await
+        .unwrap()
+        .expect("push the image")
+    };
+    assert_eq!(
+        pushed.reference,
+        format!(
+            "tether/boot/{}:{}",
+            tether_image::boot::object_name(&site.image.manifest.version),
+            site.image.manifest.version
+        )
+    );
+    // Every artifact's blob is addressed by the sha256 the signed manifest carries; fetch
+    // the rootfs by it.
+    let repo = pushed.reference.split(':').next().unwrap();
+    for (file, want) in &site.image.manifest.artifacts {
+        if let Some((_, digest)) = pushed.files.iter().find(|(f, _)| f == file) {
+            assert_eq!(*digest, format!("sha256:{}", want.sha256), "{file}");
+        }
+    }
+    let rootfs = &site.image.manifest.artifacts["rootfs.squashfs"];
+    let url = format!("http://{store}/v2/{repo}/blobs/sha256:{}", rootfs.sha256);
+    let dest = tempfile::tempdir().unwrap();
+    let got = download::fetch(
+        &download::client().unwrap(),
+        &Want {
+            url: &url,
+            sha256: &rootfs.sha256,
+            size: rootfs.size,
+        },
+        &dest.path().join("rootfs.squashfs"),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(got, Outcome::Downloaded { .. }), "{got:?}");
+
+    // A copy of the image with one flipped byte in its initramfs is refused before
+    // anything is sent.
+    let tampered = site.dir.join("tampered-image");
+    std::fs::create_dir_all(&tampered).unwrap();
+    for e in std::fs::read_dir(&site.image.dir).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), tampered.join(e.file_name())).unwrap();
+        }
+    }
+    let initramfs = tampered.join("initramfs");
+    let mut bytes = std::fs::read(&initramfs).unwrap();
+    bytes[1000] ^= 0x01;
+    std::fs::write(&initramfs, bytes).unwrap();
+    let public = tether_image::keys::read_public_key(&site.image.key).unwrap();
+    let err = tether_image::boot_artifacts::push(&tampered, &public, &store, &work).unwrap_err();
+    assert!(
+        err.to_string().contains("initramfs"),
+        "refused, naming the file: {err}"
+    );
+}
