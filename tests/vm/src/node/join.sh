@@ -37,7 +37,7 @@ step start containerd
 systemctl daemon-reload
 systemctl start containerd.service
 say "containerd started"
-step import the image's pause
+step import pause from the image
 # The image bakes the pause image in; the first pod starts without a pull.
 $P/ctr -n k8s.io images import /usr/share/tether/images/pause.tar >/dev/null
 step start the kubelet

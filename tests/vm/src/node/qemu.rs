@@ -185,3 +185,22 @@ fn run(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[cfg(test)]
+mod tests {
+    /// The scripts parse (a stray quote otherwise shows only as a failed boot minutes in).
+    #[test]
+    fn scripts_parse() {
+        for (name, script) in [("join.sh", super::JOIN), ("routes.sh", super::ROUTES)] {
+            let out = std::process::Command::new("sh")
+                .args(["-n", "-c", script])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
