@@ -8,14 +8,13 @@
 //! artifacts, so a node or tether-pxe can check the signature of what it fetched.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::json;
 use tether_boot::manifest::Manifest;
-use tether_upstream::{Cache, Component, Pins};
+use tether_upstream::Pins;
 
 use crate::boot::{object_name, role};
-use crate::build::{run, verify_image};
+use crate::build::verify_image;
 use crate::oci::{self, Layout};
 use crate::{Error, Result};
 
@@ -45,18 +44,22 @@ pub fn push(
     work: &Path,
 ) -> Result<PushedImage> {
     let m = verify_image(dir, public)?;
-    let layout_dir = work.join("boot-artifacts").join(object_name(&m.version));
-    let (manifest_digest, files) = write_layout(dir, &m, &layout_dir)?;
-    let reference = format!("tether/boot/{}:{}", object_name(&m.version), m.version);
-    let pins = Pins::default();
-    let crane = Cache::from_env().lookup(
-        Component::Crane,
-        &pins.version_for(Component::Crane, pins.kubernetes)?,
+    std::fs::create_dir_all(work).map_err(Error::io("create", work))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("boot-")
+        .tempdir_in(work)
+        .map_err(Error::io("create a directory in", work))?;
+    let (manifest_digest, files) = write_layout(dir, &m, scratch.path())?;
+    let reference = format!(
+        "tether/boot/{}:{}",
+        object_name(&m.version),
+        oci::tag(&m.version)
+    );
+    oci::push(
+        scratch.path(),
+        &format!("{store}/{reference}"),
+        &Pins::default(),
     )?;
-    run(Command::new(crane)
-        .args(["push", "--insecure"])
-        .arg(&layout_dir)
-        .arg(format!("{store}/{reference}")))?;
     Ok(PushedImage {
         reference,
         manifest: manifest_digest,

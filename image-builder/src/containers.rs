@@ -22,7 +22,7 @@ use tether_upstream::{Cache, Component, Pins, debian};
 use serde_json::json;
 
 use crate::build::run;
-use crate::oci::{self, Layout};
+use crate::oci::{self, Descriptor, Layout};
 use crate::{Error, Result};
 
 /// One image of the store.
@@ -106,45 +106,22 @@ pub fn push_all(store: &str, pins: &Pins, work: &Path) -> Result<Vec<Pushed>> {
         .collect()
 }
 
-/// Builds and pushes one image.
+/// Builds and pushes one image (from the same OCI layout [`oci_archive`] writes, so the
+/// store's copy and a baked-in copy have one digest).
 pub fn push(image: ContainerImage, store: &str, pins: &Pins, work: &Path) -> Result<Pushed> {
-    let layers = layers(image, pins, work)?;
-    let crane = binary(Component::Crane, pins)?;
-    let target = format!("{store}/{}", image.path(pins));
-    let mut append = Command::new(&crane);
-    append.args(["append", "--oci-empty-base", "--insecure", "-t", &target]);
-    for l in &layers {
-        append.arg("-f").arg(l);
-    }
-    run(&mut append)?;
-    let (entrypoint, user) = image.config();
-    let out = run(Command::new(&crane).args([
-        "mutate",
-        "--insecure",
-        "--set-platform",
-        "linux/amd64",
-        "--entrypoint",
-        entrypoint,
-        "--user",
-        user,
-        "-t",
-        &target,
-        &target,
-    ]))?;
-    let pinned = out
-        .lines()
-        .rev()
-        .find(|l| l.contains("@sha256:"))
-        .ok_or_else(|| Error::Command {
-            command: format!("crane mutate {target}"),
-            detail: format!("no digest in its output: {out}"),
-        })?
-        .trim()
-        .to_string();
+    let scratch = scratch_dir(work, image)?;
+    let manifest = oci_layout(image, pins, scratch.path(), &scratch.path().join("layout"))?;
+    oci::push(
+        &scratch.path().join("layout"),
+        &format!("{store}/{}", image.path(pins)),
+        pins,
+    )?;
+    let name = image.path(pins);
+    let repository = name.rsplit_once(':').map(|(r, _)| r).unwrap_or(&name);
     Ok(Pushed {
         image,
         reference: image.reference(pins),
-        pinned,
+        pinned: format!("{store}/{repository}@{}", manifest.digest),
     })
 }
 
@@ -152,24 +129,49 @@ pub fn push(image: ContainerImage, store: &str, pins: &Pins, work: &Path) -> Res
 /// named with the image's usual reference (`io.containerd.image.name`, for `ctr images
 /// import`); `work` holds the layers. Reproducible: the same pins give the same bytes.
 pub fn oci_archive(image: ContainerImage, pins: &Pins, work: &Path, out: &Path) -> Result<()> {
+    let scratch = scratch_dir(work, image)?;
+    let layout = scratch.path().join("layout");
+    oci_layout(image, pins, scratch.path(), &layout)?;
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
+    }
+    tar_tree(&layout, out)
+}
+
+/// A directory of its own under `work` (removed when dropped): builds of one image may run
+/// side by side.
+fn scratch_dir(work: &Path, image: ContainerImage) -> Result<tempfile::TempDir> {
     fs::create_dir_all(work).map_err(Error::io("create", work))?;
-    let layers = layers(image, pins, work)?;
-    let dir = work.join(format!("{image:?}-layout").to_lowercase());
-    let layout = Layout::create(&dir)?;
-    let mut descriptors = Vec::new();
+    tempfile::Builder::new()
+        .prefix(&format!("{image:?}-").to_lowercase())
+        .tempdir_in(work)
+        .map_err(Error::io("create a directory in", work))
+}
+
+/// Builds `image`'s layers in `build` and writes its OCI layout at `dir`: the layers
+/// (zstd), the config (platform, entrypoint, user, diff IDs) and the index entry naming the
+/// image. Returns the manifest's descriptor.
+fn oci_layout(image: ContainerImage, pins: &Pins, build: &Path, dir: &Path) -> Result<Descriptor> {
+    let layers = layers(image, pins, build)?;
+    let layout = Layout::create(dir)?;
+    let (mut descriptors, mut diff_ids) = (Vec::new(), Vec::new());
     for l in &layers {
-        descriptors.push(layout.add_file("application/vnd.oci.image.layer.v1.tar", l)?);
+        // zstd (level 3: fast to write, and fast to unpack on a TCG node); the diff ID is
+        // the uncompressed tar's digest.
+        diff_ids.push(oci::file_digest(l)?);
+        let zst = l.with_extension("tar.zst");
+        run(Command::new("zstd")
+            .args(["-q", "-3", "-T1", "--no-progress", "-f", "-o"])
+            .arg(&zst)
+            .arg(l))?;
+        descriptors.push(layout.add_file("application/vnd.oci.image.layer.v1.tar+zstd", &zst)?);
     }
     let (entrypoint, user) = image.config();
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {"Entrypoint": [entrypoint], "User": user},
-        "rootfs": {
-            "type": "layers",
-            // Uncompressed layers: the diff IDs are the layers' own digests.
-            "diff_ids": descriptors.iter().map(|d| d.digest.clone()).collect::<Vec<_>>(),
-        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let config = layout.add_bytes(
         "application/vnd.oci.image.config.v1+json",
@@ -189,11 +191,7 @@ pub fn oci_archive(image: ContainerImage, pins: &Pins, work: &Path, out: &Path) 
             "io.containerd.image.name": reference,
             "org.opencontainers.image.ref.name": tag,
         }}),
-    )?;
-    if let Some(parent) = out.parent() {
-        fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
-    }
-    tar_tree(&dir, out)
+    )
 }
 
 /// The image's layer tarballs, bottom first.

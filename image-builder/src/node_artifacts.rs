@@ -9,14 +9,12 @@
 //! manifest carries no timestamp: pushing the same binary twice gives the same digest.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::{Value, json};
 use tether_upstream::{Cache, Component, Pins};
 
-use crate::Result;
-use crate::build::run;
 use crate::oci::{self, Descriptor, Layout};
+use crate::{Error, Result};
 
 /// What a node artifact's manifest says it is.
 pub const ARTIFACT_TYPE: &str = "application/vnd.tether.node.binary.v1";
@@ -77,17 +75,15 @@ pub fn push_all(store: &str, pins: &Pins, work: &Path) -> Result<Vec<NodeArtifac
 pub fn push(component: Component, store: &str, pins: &Pins, work: &Path) -> Result<NodeArtifact> {
     let version = pins.version_for(component, pins.kubernetes)?;
     let binary = Cache::from_env().lookup(component, &version)?;
-    let dir = work.join("node-artifacts").join(component.name());
-    let (manifest, blob) = write_layout(&dir, &binary, component.name(), &version)?;
-    let reference = format!("{}:{version}", repository(component));
-    let crane = Cache::from_env().lookup(
-        Component::Crane,
-        &pins.version_for(Component::Crane, pins.kubernetes)?,
-    )?;
-    run(Command::new(crane)
-        .args(["push", "--insecure"])
-        .arg(&dir)
-        .arg(format!("{store}/{reference}")))?;
+    std::fs::create_dir_all(work).map_err(Error::io("create", work))?;
+    // A directory of its own: pushes of one binary may run side by side.
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("{}-", component.name()))
+        .tempdir_in(work)
+        .map_err(Error::io("create a directory in", work))?;
+    let (manifest, blob) = write_layout(scratch.path(), &binary, component.name(), &version)?;
+    let reference = format!("{}:{}", repository(component), oci::tag(&version));
+    oci::push(scratch.path(), &format!("{store}/{reference}"), pins)?;
     Ok(NodeArtifact {
         component,
         reference,

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tether_upstream::{Cache, Component, Pins};
 
+use crate::build::run;
 use crate::{Error, Result};
 
 /// The OCI image manifest media type.
@@ -44,6 +46,48 @@ impl Descriptor {
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// `sha256:<hex>` of the file at `path`.
+pub fn file_digest(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).map_err(Error::io("open", path))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(Error::io("read", path))?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Pushes the layout in `dir` to `target` (`host:port/repository:tag`, plain HTTP) with the
+/// pinned crane.
+pub fn push(dir: &Path, target: &str, pins: &Pins) -> Result<()> {
+    let crane = Cache::from_env().lookup(
+        Component::Crane,
+        &pins.version_for(Component::Crane, pins.kubernetes)?,
+    )?;
+    run(std::process::Command::new(crane)
+        .args(["push", "--insecure"])
+        .arg(dir)
+        .arg(target))?;
+    Ok(())
+}
+
+/// A registry tag for `version`: OCI tags allow `[A-Za-z0-9_.-]` (first not `.`/`-`),
+/// so anything else (a SemVer `+build`) becomes `_`.
+pub fn tag(version: &str) -> String {
+    let t: String = version
+        .chars()
+        .take(128)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match t.chars().next() {
+        Some('.') | Some('-') | None => format!("_{t}"),
+        _ => t,
+    }
 }
 
 /// An OCI image layout being written in a directory.
@@ -83,13 +127,10 @@ impl Layout {
 
     /// Adds the file at `path` as a blob (hard-linked when it can be).
     pub fn add_file(&self, media_type: &str, path: &Path) -> Result<Descriptor> {
-        let mut f = fs::File::open(path).map_err(Error::io("open", path))?;
-        let mut h = Sha256::new();
-        let size = std::io::copy(&mut f, &mut h).map_err(Error::io("read", path))?;
         let d = Descriptor {
             media_type: media_type.to_string(),
-            digest: format!("sha256:{}", hex::encode(h.finalize())),
-            size,
+            digest: file_digest(path)?,
+            size: fs::metadata(path).map_err(Error::io("stat", path))?.len(),
         };
         let to = self.blob_path(&d.digest);
         if !to.exists() && fs::hard_link(path, &to).is_err() {
@@ -159,6 +200,18 @@ mod tests {
             assert_eq!(sha256_digest(&fs::read(&f).unwrap()), d.digest);
         }
         assert!(dir.join("oci-layout").is_file());
+    }
+
+    #[test]
+    fn tags_are_valid() {
+        for (version, want) in [
+            ("v1.36.3", "v1.36.3"),
+            ("2026.11.1+fix", "2026.11.1_fix"),
+            ("-x", "_-x"),
+            ("", "_"),
+        ] {
+            assert_eq!(tag(version), want, "{version}");
+        }
     }
 
     #[test]
