@@ -19,15 +19,17 @@ step wait for the network
 # (The generator's unit starts after basic.target, before DHCP is done.)
 /lib/systemd/systemd-networkd-wait-online --timeout=120
 step download the runtime from the store
-# The pinned runtime from the store by digest (`artifacts`: dir, name, sha256, blob path),
-# checked before use and renamed into place, where the agent will install it.
+# The pinned runtime from the store by digest (`artifacts`: dir, name, sha256, size, blob
+# path) with the image's own agent: resumable, checked before it is renamed into place.
 mkdir -p /var/lib/tether/bin /var/lib/tether/cni/bin
-while read -r dir name digest path; do
-	f=/var/lib/tether/$dir/$name
-	busybox wget -q -O "$f.part" "http://$STORE$path"
-	echo "$digest  $f.part" | sha256sum -c --status
-	chmod 0755 "$f.part"
-	mv "$f.part" "$f"
+while read -r dir name digest size path; do
+	tries=0
+	until tether-agent fetch --url "http://$STORE$path" --sha256 "$digest" --size "$size" \
+		"/var/lib/tether/$dir/$name" >/dev/null; do
+		tries=$((tries + 1))
+		[ $tries -lt 5 ] || exit 1
+		sleep 2
+	done
 done <$P/artifacts
 say "runtime downloaded from the store"
 step write the node files
@@ -45,7 +47,13 @@ systemctl start kubelet.service
 say "kubelet started"
 step wait for the Node and its podCIDR
 K="$P/kubectl --kubeconfig $P/nodes.kubeconfig"
-until CIDR=$($K get node "$NAME" -o 'jsonpath={.spec.podCIDR}' 2>/dev/null) && [ -n "$CIDR" ]; do
+tries=0
+until CIDR=$($K get node "$NAME" -o 'jsonpath={.spec.podCIDR}' 2>/tmp/podcidr.err) && [ -n "$CIDR" ]; do
+	tries=$((tries + 1))
+	if [ $tries -ge 300 ]; then
+		say "no podCIDR after 300 tries: $(cat /tmp/podcidr.err)"
+		exit 1
+	fi
 	sleep 1
 done
 step write the CNI network

@@ -149,7 +149,7 @@ fn node_reader(tenant: &Tenant) -> String {
 }
 
 /// `join.sh`'s download list: one line per binary — directory under `/var/lib/tether`,
-/// file name, sha256, blob path in the store.
+/// file name, sha256, size, blob path in the store.
 fn artifact_list(artifacts: &[NodeArtifact]) -> String {
     let layout = Layout::default();
     artifacts
@@ -161,10 +161,11 @@ fn artifact_list(artifacts: &[NodeArtifact]) -> String {
                 layout.bin_dir
             };
             format!(
-                "{} {} {} {}\n",
+                "{} {} {} {} {}\n",
                 dir.trim_start_matches("/var/lib/tether/"),
                 a.component.name(),
                 a.blob.trim_start_matches("sha256:"),
+                a.size,
                 a.blob_path()
             )
         })

@@ -1,6 +1,7 @@
 //! The node artifacts in the store, fetched the way a node will: by digest, with the agent's
 //! downloader (`tether_agent::node::download`), from the registry `standalone` runs — and
-//! what it does with an interrupted transfer, a tampered or wrong blob and a repeat.
+//! what it does with an interrupted transfer, a damaged partial, a stale partial of
+//! another version, a wrong or over-long blob, an unknown digest and a repeat.
 
 use std::path::Path;
 
@@ -91,7 +92,7 @@ async fn node_artifacts_are_fetched_by_digest_resumed_and_checked() {
     let dest = dir.path().join("resumed-kubelet");
     let whole = std::fs::read(dir.path().join("kubelet")).unwrap();
     let third = whole.len() / 3;
-    std::fs::write(part_path(&dest), &whole[..third]).unwrap();
+    std::fs::write(part_path(&dest, &ksha), &whole[..third]).unwrap();
     let got = download::fetch(&client, &kw, &dest).await.unwrap();
     assert_eq!(
         got,
@@ -101,19 +102,30 @@ async fn node_artifacts_are_fetched_by_digest_resumed_and_checked() {
         }
     );
     assert_eq!(sha256_file(&dest), ksha);
-    assert!(!part_path(&dest).exists());
+    assert!(!part_path(&dest, &ksha).exists());
 
-    // A tampered partial (a flipped byte in what was kept) → refused, nothing installed.
-    let dest = dir.path().join("tampered-kubelet");
+    // A damaged partial (a flipped byte in what was kept) fails the digest; it is dropped
+    // and the blob fetched once more from zero — what is installed is checked.
+    let dest = dir.path().join("damaged-kubelet");
     let mut bad = whole[..third].to_vec();
     bad[100] ^= 0xff;
-    std::fs::write(part_path(&dest), &bad).unwrap();
-    let err = download::fetch(&client, &kw, &dest).await.unwrap_err();
-    assert!(
-        matches!(err, tether_agent::Error::DigestMismatch { .. }),
-        "{err}"
+    std::fs::write(part_path(&dest, &ksha), &bad).unwrap();
+    let got = download::fetch(&client, &kw, &dest).await.unwrap();
+    assert_eq!(
+        got,
+        Outcome::Downloaded {
+            fetched: kubelet.size,
+            resumed_from: 0
+        }
     );
-    assert!(!dest.exists() && !part_path(&dest).exists(), "{err}");
+    assert_eq!(sha256_file(&dest), ksha);
+    // A partial of an older version (another digest) is removed, not resumed.
+    let dest = dir.path().join("upgraded-kubelet");
+    let old = part_path(&dest, &"e".repeat(64));
+    std::fs::write(&old, &whole[..third]).unwrap();
+    download::fetch(&client, &kw, &dest).await.unwrap();
+    assert!(!old.exists());
+    assert_eq!(sha256_file(&dest), ksha);
 
     // The wrong blob for the digest asked for (runc's bytes where the kubelet's digest is
     // expected) → refused.
@@ -134,7 +146,7 @@ async fn node_artifacts_are_fetched_by_digest_resumed_and_checked() {
         matches!(err, tether_agent::Error::DigestMismatch { .. }),
         "{err}"
     );
-    assert!(!dest.exists() && !part_path(&dest).exists());
+    assert!(!dest.exists() && !part_path(&dest, &ksha).exists());
 
     // More bytes than the desired config says → refused before they are all read.
     let dest = dir.path().join("too-long");
@@ -150,7 +162,7 @@ async fn node_artifacts_are_fetched_by_digest_resumed_and_checked() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("more than the expected"), "{err}");
-    assert!(!dest.exists() && !part_path(&dest).exists());
+    assert!(!dest.exists() && !part_path(&dest, &ksha).exists());
 
     // An unknown digest → the store's 404, nothing written.
     let missing = format!(
@@ -171,7 +183,7 @@ async fn node_artifacts_are_fetched_by_digest_resumed_and_checked() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("HTTP 404"), "{err}");
-    assert!(!dest.exists() && !part_path(&dest).exists());
+    assert!(!dest.exists() && !part_path(&dest, &zeros).exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +212,20 @@ async fn the_built_image_is_in_the_store_by_its_manifest_digests_and_a_tampered_
     // Every artifact's blob is addressed by the sha256 the signed manifest carries; fetch
     // the rootfs by it.
     let repo = pushed.reference.split(':').next().unwrap();
+    let mut expected: Vec<&str> = site
+        .image
+        .manifest
+        .artifacts
+        .keys()
+        .map(String::as_str)
+        .filter(|f| tether_image::boot::role(f).is_some())
+        .collect();
+    expected.push("manifest.sig");
+    let files: Vec<&str> = pushed.files.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(
+        files, expected,
+        "every artifact with a role, then the signature"
+    );
     for (file, want) in &site.image.manifest.artifacts {
         if let Some((_, digest)) = pushed.files.iter().find(|(f, _)| f == file) {
             assert_eq!(*digest, format!("sha256:{}", want.sha256), "{file}");
