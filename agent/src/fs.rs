@@ -28,7 +28,17 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     f.write_all(data).map_err(Error::io("write", &tmp))?;
     f.sync_all().map_err(Error::io("sync", &tmp))?;
     drop(f);
-    fs::rename(&tmp, path).map_err(Error::io("rename into place", path))?;
+    rename_synced(&tmp, path)
+}
+
+/// Renames the already-fsynced `from` over `to` and fsyncs the directory: the last step of
+/// every crash-safe write (here and the downloader's).
+pub fn rename_synced(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(Error::io("rename into place", to))?;
+    let dir = match to.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io("sync directory", dir))

@@ -335,11 +335,7 @@ fn install(part: &Path, dest: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(part, std::fs::Permissions::from_mode(0o755))
         .map_err(Error::io("chmod", part))?;
-    std::fs::rename(part, dest).map_err(Error::io("rename", dest))?;
-    let dir = parent(dest);
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io("sync", dir))
+    crate::fs::rename_synced(part, dest)
 }
 
 #[cfg(test)]
