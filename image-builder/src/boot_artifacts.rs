@@ -44,11 +44,7 @@ pub fn push(
     work: &Path,
 ) -> Result<PushedImage> {
     let m = verify_image(dir, public)?;
-    std::fs::create_dir_all(work).map_err(Error::io("create", work))?;
-    let scratch = tempfile::Builder::new()
-        .prefix("boot-")
-        .tempdir_in(work)
-        .map_err(Error::io("create a directory in", work))?;
+    let scratch = oci::scratch(work, "boot")?;
     let (manifest_digest, files) = write_layout(dir, &m, scratch.path())?;
     let reference = format!(
         "tether/boot/{}:{}",

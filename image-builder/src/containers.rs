@@ -109,7 +109,7 @@ pub fn push_all(store: &str, pins: &Pins, work: &Path) -> Result<Vec<Pushed>> {
 /// Builds and pushes one image (from the same OCI layout [`oci_archive`] writes, so the
 /// store's copy and a baked-in copy have one digest).
 pub fn push(image: ContainerImage, store: &str, pins: &Pins, work: &Path) -> Result<Pushed> {
-    let scratch = scratch_dir(work, image)?;
+    let scratch = oci::scratch(work, &format!("{image:?}").to_lowercase())?;
     let manifest = oci_layout(image, pins, scratch.path(), &scratch.path().join("layout"))?;
     oci::push(
         &scratch.path().join("layout"),
@@ -129,23 +129,13 @@ pub fn push(image: ContainerImage, store: &str, pins: &Pins, work: &Path) -> Res
 /// named with the image's usual reference (`io.containerd.image.name`, for `ctr images
 /// import`); `work` holds the layers. Reproducible: the same pins give the same bytes.
 pub fn oci_archive(image: ContainerImage, pins: &Pins, work: &Path, out: &Path) -> Result<()> {
-    let scratch = scratch_dir(work, image)?;
+    let scratch = oci::scratch(work, &format!("{image:?}").to_lowercase())?;
     let layout = scratch.path().join("layout");
     oci_layout(image, pins, scratch.path(), &layout)?;
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent).map_err(Error::io("create", parent))?;
     }
     tar_tree(&layout, out)
-}
-
-/// A directory of its own under `work` (removed when dropped): builds of one image may run
-/// side by side.
-fn scratch_dir(work: &Path, image: ContainerImage) -> Result<tempfile::TempDir> {
-    fs::create_dir_all(work).map_err(Error::io("create", work))?;
-    tempfile::Builder::new()
-        .prefix(&format!("{image:?}-").to_lowercase())
-        .tempdir_in(work)
-        .map_err(Error::io("create a directory in", work))
 }
 
 /// Builds `image`'s layers in `build` and writes its OCI layout at `dir`: the layers

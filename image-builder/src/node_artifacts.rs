@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tether_upstream::{Cache, Component, Pins};
 
 use crate::oci::{self, Descriptor, Layout};
-use crate::{Error, Result};
+use crate::Result;
 
 /// What a node artifact's manifest says it is.
 pub const ARTIFACT_TYPE: &str = "application/vnd.tether.node.binary.v1";
@@ -75,12 +75,7 @@ pub fn push_all(store: &str, pins: &Pins, work: &Path) -> Result<Vec<NodeArtifac
 pub fn push(component: Component, store: &str, pins: &Pins, work: &Path) -> Result<NodeArtifact> {
     let version = pins.version_for(component, pins.kubernetes)?;
     let binary = Cache::from_env().lookup(component, &version)?;
-    std::fs::create_dir_all(work).map_err(Error::io("create", work))?;
-    // A directory of its own: pushes of one binary may run side by side.
-    let scratch = tempfile::Builder::new()
-        .prefix(&format!("{}-", component.name()))
-        .tempdir_in(work)
-        .map_err(Error::io("create a directory in", work))?;
+    let scratch = oci::scratch(work, component.name())?;
     let (manifest, blob) = write_layout(scratch.path(), &binary, component.name(), &version)?;
     let reference = format!("{}:{}", repository(component), oci::tag(&version));
     oci::push(scratch.path(), &format!("{store}/{reference}"), pins)?;

@@ -90,6 +90,16 @@ pub fn tag(version: &str) -> String {
     }
 }
 
+/// A directory of its own under `work` for one layout (removed when dropped): pushes of
+/// the same content may run side by side.
+pub fn scratch(work: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    fs::create_dir_all(work).map_err(Error::io("create", work))?;
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir_in(work)
+        .map_err(Error::io("create a directory in", work))
+}
+
 /// An OCI image layout being written in a directory.
 pub struct Layout {
     dir: PathBuf,
