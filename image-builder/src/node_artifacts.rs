@@ -13,8 +13,8 @@ use std::path::Path;
 use serde_json::{Value, json};
 use tether_upstream::{Cache, Component, Pins};
 
-use crate::oci::{self, Descriptor, Layout};
 use crate::Result;
+use crate::oci::{self, Descriptor, Layout};
 
 /// What a node artifact's manifest says it is.
 pub const ARTIFACT_TYPE: &str = "application/vnd.tether.node.binary.v1";
