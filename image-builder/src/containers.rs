@@ -39,7 +39,7 @@ pub enum ContainerImage {
 }
 
 /// The test image's registry: mirrored to the store like `registry.k8s.io`.
-pub const TEST_REGISTRY: &str = "test.tether.dev";
+pub use tether_api::artifacts::TEST_REGISTRY;
 
 /// Debian packages kube-proxy's layer carries (its iptables and nftables proxiers exec them).
 const KUBE_PROXY_PACKAGES: &[&str] = &["iptables", "conntrack", "nftables"];

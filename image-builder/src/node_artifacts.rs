@@ -17,19 +17,10 @@ use crate::Result;
 use crate::oci::{self, Descriptor, Layout};
 
 /// What a node artifact's manifest says it is.
-pub const ARTIFACT_TYPE: &str = "application/vnd.tether.node.binary.v1";
+pub use tether_api::artifacts::NODE_ARTIFACT_TYPE as ARTIFACT_TYPE;
 
 /// The binaries a node installs, in the order they are pushed.
-pub const COMPONENTS: &[Component] = &[
-    Component::Kubelet,
-    Component::Containerd,
-    Component::ContainerdShimRuncV2,
-    Component::Runc,
-    Component::CniBridge,
-    Component::CniHostLocal,
-    Component::CniLoopback,
-    Component::CniPortmap,
-];
+pub use tether_upstream::NODE_COMPONENTS as COMPONENTS;
 
 /// The OCI empty descriptor's content (`{}`), the config of every artifact.
 const EMPTY_CONFIG: &[u8] = b"{}";
@@ -59,7 +50,7 @@ impl NodeArtifact {
 
 /// The repository of `component` in the store.
 pub fn repository(component: Component) -> String {
-    format!("tether/node/{}", component.name())
+    tether_api::artifacts::node_repository(component.name())
 }
 
 /// Pushes every node binary of `pins` to the store at `store` (`host:port`, plain HTTP);
@@ -75,9 +66,22 @@ pub fn push_all(store: &str, pins: &Pins, work: &Path) -> Result<Vec<NodeArtifac
 pub fn push(component: Component, store: &str, pins: &Pins, work: &Path) -> Result<NodeArtifact> {
     let version = pins.version_for(component, pins.kubernetes)?;
     let binary = Cache::from_env().lookup(component, &version)?;
+    push_binary(component, &version, &binary, store, pins, work)
+}
+
+/// Pushes `binary` as `component` at `version` (what [`push`] does with the cached one; a
+/// test pushes a binary of its own making).
+pub fn push_binary(
+    component: Component,
+    version: &str,
+    binary: &Path,
+    store: &str,
+    pins: &Pins,
+    work: &Path,
+) -> Result<NodeArtifact> {
     let scratch = oci::scratch(work, component.name())?;
-    let (manifest, blob) = write_layout(scratch.path(), &binary, component.name(), &version)?;
-    let reference = format!("{}:{}", repository(component), oci::tag(&version));
+    let (manifest, blob) = write_layout(scratch.path(), binary, component.name(), version)?;
+    let reference = format!("{}:{}", repository(component), oci::tag(version));
     oci::push(scratch.path(), &format!("{store}/{reference}"), pins)?;
     Ok(NodeArtifact {
         component,

@@ -70,25 +70,8 @@ pub fn push(dir: &Path, target: &str, pins: &Pins) -> Result<()> {
     Ok(())
 }
 
-/// A registry tag for `version`: OCI tags allow `[A-Za-z0-9_.-]` (first not `.`/`-`),
-/// so anything else (a SemVer `+build`) becomes `_`.
-pub fn tag(version: &str) -> String {
-    let t: String = version
-        .chars()
-        .take(128)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    match t.chars().next() {
-        Some('.') | Some('-') | None => format!("_{t}"),
-        _ => t,
-    }
-}
+/// A registry tag for `version` (one rule for every program: [`tether_api::artifacts::tag`]).
+pub use tether_api::artifacts::tag;
 
 /// A directory of its own under `work` for one layout (removed when dropped): pushes of
 /// the same content may run side by side.

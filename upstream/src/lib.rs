@@ -17,7 +17,7 @@ pub use build::{BuildReport, Builder};
 pub use cache::Cache;
 pub use error::Error;
 pub use gomod::rewrite_go_mod;
-pub use pins::{Component, Module, Pins, minor_of};
+pub use pins::{Component, Module, NODE_COMPONENTS, Pins, minor_of};
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

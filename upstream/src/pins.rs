@@ -77,6 +77,21 @@ impl Pins {
     }
 }
 
+/// The binaries a node installs from the artifact store (kubelet, containerd, its runc
+/// shim and `ctr` (which imports the image's baked pause archive), runc, the CNI plugins), in the order they are pushed: one list for the pusher
+/// (`tether-image node-artifacts`) and the operator that names them in desired configs.
+pub const NODE_COMPONENTS: &[Component] = &[
+    Component::Kubelet,
+    Component::Containerd,
+    Component::ContainerdShimRuncV2,
+    Component::Ctr,
+    Component::Runc,
+    Component::CniBridge,
+    Component::CniHostLocal,
+    Component::CniLoopback,
+    Component::CniPortmap,
+];
+
 impl Default for Pins {
     fn default() -> Self {
         Pins::default_set()
