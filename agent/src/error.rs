@@ -108,6 +108,14 @@ pub enum Error {
         /// Bytes free.
         free: u64,
     },
+    /// A program the agent runs (`ip`, `ctr`) failed.
+    #[error("{what}: {detail}")]
+    Command {
+        /// The command line.
+        what: String,
+        /// Its exit status and error output.
+        detail: String,
+    },
     /// Keys, CSRs or certificates.
     #[error("{what}: {detail}")]
     Crypto {

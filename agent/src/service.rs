@@ -1,7 +1,9 @@
 //! `tether-agent run`: the service. Enroll if needed, then keep the machine's side of the
-//! contract: long-poll the desired config, report status every `reportSeconds`, renew the
-//! certificate at two thirds of its life. If the API stops accepting the certificate (the
-//! Machine was deleted), the enrollment is forgotten and the agent enrolls again.
+//! contract: long-poll the desired config, hand its join to the node task
+//! ([`crate::node::install`], which converges the node to it), report status every
+//! `reportSeconds` and at once when the node's progress changes, renew the certificate at two
+//! thirds of its life. If the API stops accepting the certificate (the Machine was deleted),
+//! the enrollment is forgotten and the agent enrolls again; the node keeps what it runs.
 //!
 //! Failures are retried with jittered exponential backoff; nothing here exits on a network
 //! error. SIGTERM ends the loop.
@@ -10,12 +12,15 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use tether_api::machine::MachinePhase;
-use tether_api::machine_api::{Reason, StatusReport};
+use tether_api::machine_api::{Join, Reason, StatusReport};
+use tokio::sync::watch;
 
 use crate::api::MachineApi;
 use crate::enroll;
 use crate::error::{Error, Result};
 use crate::identity::{self, Enrolled, Identity, StateDir};
+use crate::node::install::{Converged, Installer, Progress};
+use crate::node::{Layout, plan};
 use crate::notify::Notifier;
 
 /// Longest a config long-poll waits on the server.
@@ -47,6 +52,14 @@ fn nanos() -> u32 {
         .unwrap_or(0)
 }
 
+/// The node task's inputs and outputs: the latest desired join (`None` until the first
+/// config arrives — a restarted agent must not wipe a node before it knows), and the
+/// progress the reports carry.
+struct NodeLink {
+    join: watch::Sender<Option<Option<Join>>>,
+    progress: watch::Receiver<Progress>,
+}
+
 /// Why the enrolled loop returned.
 enum Exit {
     /// The certificate is no longer accepted: enroll again.
@@ -70,9 +83,10 @@ impl Service {
     }
 
     async fn main_loop(&self) -> Result<()> {
+        let link = self.start_node_task();
         loop {
             let id = self.enrolled_identity().await;
-            match self.serve(id).await {
+            match self.serve(id, &link).await {
                 Exit::Revoked(why) => {
                     tracing::warn!(
                         "the machine API no longer accepts this machine's certificate ({why}); enrolling again"
@@ -116,8 +130,26 @@ impl Service {
         }
     }
 
+    /// Starts the task that converges the node to the desired join.
+    fn start_node_task(&self) -> NodeLink {
+        let marker = std::fs::read_to_string(crate::inputs::under(&self.root, plan::TENANT_MARKER))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        let (progress_tx, progress) = watch::channel(Progress {
+            phase: marker.is_none().then_some(MachinePhase::Enrolled),
+            tenant: marker,
+            ..Default::default()
+        });
+        let (join, join_rx) = watch::channel(None);
+        let root = self.root.clone();
+        tokio::spawn(node_loop(root, join_rx, progress_tx));
+        NodeLink { join, progress }
+    }
+
     /// The enrolled loop: long-poll, report, renew.
-    async fn serve(&self, mut id: Identity) -> Exit {
+    async fn serve(&self, mut id: Identity, link: &NodeLink) -> Exit {
+        let mut progress = link.progress.clone();
         let machine = id.enrolled.machine.clone();
         let mut api = match MachineApi::mutual(&id.enrolled.api, &id) {
             Ok(a) => a,
@@ -148,6 +180,12 @@ impl Service {
                                 tracing::info!(version = %config.version, phase = ?config.phase, pool = ?config.pool, "desired config");
                             }
                             version = Some(config.version.clone());
+                            link.join.send_if_modified(|j| {
+                                let new = Some(config.join.clone());
+                                let changed = *j != new;
+                                *j = new;
+                                changed
+                            });
                             report_every = Duration::from_secs(config.report_seconds.max(1).into());
                             self.notify.beat();
                             poll = Box::pin(poll_config(api.clone(), machine.clone(), version.clone(), Duration::ZERO));
@@ -162,9 +200,14 @@ impl Service {
                         }
                     }
                 }
+                Ok(()) = progress.changed() => {
+                    // Report a step of the node now, not at the next interval.
+                    report_at = tokio::time::Instant::now();
+                }
                 _ = tokio::time::sleep_until(report_at) => {
                     self.notify.beat();
-                    match api.status(&machine, &self.report()).await {
+                    let report = self.report(&progress.borrow_and_update());
+                    match api.status(&machine, &report).await {
                         Ok(_) => {}
                         Err(e) => {
                             if let Some(why) = revoked(&e) { return Exit::Revoked(why); }
@@ -195,16 +238,18 @@ impl Service {
         }
     }
 
-    fn report(&self) -> StatusReport {
+    fn report(&self, p: &Progress) -> StatusReport {
         StatusReport {
-            phase: Some(MachinePhase::Enrolled),
+            phase: p.phase,
+            tenant: p.tenant.clone(),
+            needs_bootstrap_token: p.needs_bootstrap_token,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             image_version: image_version(&self.root),
             boot_slot: crate::inputs::boot_params(&self.root)
                 .ok()
                 .and_then(|b| b.slot)
                 .map(|s| s.to_string()),
-            conditions: Vec::new(),
+            conditions: p.condition.iter().cloned().collect(),
         }
     }
 
@@ -225,6 +270,94 @@ impl Service {
             &key,
         )
     }
+}
+
+/// The node task: converges the node to the latest desired join, pass after pass — soon
+/// again while it waits on the tenant, with backoff after a failure, and every
+/// [`SETTLED_CHECK`] once done (a Node can stop being Ready; a route can go).
+async fn node_loop(
+    root: PathBuf,
+    mut join: watch::Receiver<Option<Option<Join>>>,
+    progress: watch::Sender<Progress>,
+) {
+    let mut failures = 0u32;
+    let mut installer: Option<Installer> = None;
+    loop {
+        let want = join.borrow_and_update().clone();
+        let wait = match want {
+            None => None,
+            Some(want) => {
+                if installer.is_none() {
+                    installer = new_installer(&root, &progress).await;
+                }
+                match &installer {
+                    None => Some(backoff(failures, Duration::from_secs(30))),
+                    Some(i) => match i.converge(want.as_ref()).await {
+                        Ok(Converged::Done) => {
+                            failures = 0;
+                            Some(SETTLED_CHECK)
+                        }
+                        Ok(Converged::Waiting(what)) => {
+                            failures = 0;
+                            tracing::debug!("node: waiting for {what}");
+                            Some(Duration::from_secs(1))
+                        }
+                        Err(e) => {
+                            let wait = backoff(failures, Duration::from_secs(30));
+                            failures += 1;
+                            tracing::error!(retry_in_s = wait.as_secs(), "node: {e}");
+                            Some(wait)
+                        }
+                    },
+                }
+            }
+        };
+        match wait {
+            None => {
+                if join.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(d) => {
+                tokio::select! {
+                    r = join.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+        }
+    }
+}
+
+/// How often a joined node is checked again.
+const SETTLED_CHECK: Duration = Duration::from_secs(10);
+
+async fn new_installer(
+    root: &std::path::Path,
+    progress: &watch::Sender<Progress>,
+) -> Option<Installer> {
+    let systemd = match crate::systemd::Systemd::system().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("node: {e}");
+            return None;
+        }
+    };
+    let http = match crate::node::download::client() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("node: {e}");
+            return None;
+        }
+    };
+    Some(Installer {
+        root: root.to_path_buf(),
+        layout: Layout::default(),
+        host: crate::node::install::detect_host(root),
+        systemd,
+        http,
+        progress: progress.clone(),
+        verified: Default::default(),
+    })
 }
 
 /// One long-poll, after waiting `delay` (the backoff after a failure).

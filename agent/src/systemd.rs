@@ -26,6 +26,8 @@ pub trait Manager {
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     /// Enqueues a stop job; returns the job's object path.
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Sends `signal` to the processes of `unit` (`who`: `main`, `control` or `all`).
+    fn kill_unit(&self, name: &str, who: &str, signal: i32) -> zbus::Result<()>;
     /// Reloads unit files from disk (`systemctl daemon-reload`).
     fn reload(&self) -> zbus::Result<()>;
     /// Asks systemd to emit job and unit signals to this client.
@@ -128,6 +130,32 @@ impl Systemd {
         self.job(unit, Job::Restart, timeout).await
     }
 
+    /// Stops `unit` and waits for the job; a unit systemd does not know is stopped already.
+    pub async fn stop_unit(&self, unit: &str, timeout: Duration) -> Result<(), Error> {
+        match self.job(unit, Job::Stop, timeout).await {
+            Err(Error::Systemd { source, .. }) if no_such_unit(&source) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// SIGKILLs every process left in `unit`'s cgroup (after a stop with `KillMode=process`
+    /// leaves containerd's shims behind); nothing to kill is fine.
+    pub async fn kill_all(&self, unit: &str) -> Result<(), Error> {
+        match self.manager().await?.kill_unit(unit, "all", 9).await {
+            Ok(()) => Ok(()),
+            Err(e) if no_such_unit(&e) => Ok(()),
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchProcess" =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(Error::Systemd {
+                action: format!("kill the processes of {unit}"),
+                source: Box::new(source),
+            }),
+        }
+    }
+
     async fn job(&self, unit: &str, kind: Job, timeout: Duration) -> Result<(), Error> {
         let manager = self.manager().await?;
         let err = |action: &str| {
@@ -150,6 +178,7 @@ impl Systemd {
         let job = match kind {
             Job::Start => manager.start_unit(unit, "replace").await,
             Job::Restart => manager.restart_unit(unit, "replace").await,
+            Job::Stop => manager.stop_unit(unit, "replace").await,
         }
         .map_err(err(kind.verb()))?;
         let wait = async {
@@ -213,6 +242,13 @@ impl Systemd {
 enum Job {
     Start,
     Restart,
+    Stop,
+}
+
+/// Whether systemd answered that it knows no such unit.
+fn no_such_unit(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(name, _, _)
+        if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit")
 }
 
 impl Job {
@@ -220,6 +256,7 @@ impl Job {
         match self {
             Job::Start => "start",
             Job::Restart => "restart",
+            Job::Stop => "stop",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod machine;
 pub mod machine_api;
 pub mod tenant_control_plane;
 pub mod token;
+pub mod worker_pool;
 
 pub use machine::{
     Artifact, BootImageSpec, BootImageStatus, Facts, MachineCertificate, MachinePhase, MachineSpec,
@@ -19,6 +20,9 @@ pub use machine::{
 
 #[cfg(feature = "kube")]
 pub use machine::{BootImage, Machine};
+#[cfg(feature = "kube")]
+pub use worker_pool::WorkerPool;
+pub use worker_pool::{WorkerPoolSpec, WorkerPoolStatus};
 
 pub use datastore::{DataStoreSpec, DataStoreStatus, Driver};
 pub use tenant_control_plane::{

@@ -18,6 +18,12 @@ pub const MAC_LABEL: &str = "tether.dev/mac";
 pub const UUID_LABEL: &str = "tether.dev/uuid";
 /// The condition saying whether the agent reports on time.
 pub const AGENT_REACHABLE: &str = "AgentReachable";
+/// The condition the agent sets on a failed install or join (reason and message say why).
+pub const NODE_INSTALLED: &str = "NodeInstalled";
+/// The provider ID of a Machine's Node: `tether://<machine>`.
+pub fn provider_id(machine: &str) -> String {
+    format!("tether://{machine}")
+}
 
 /// Of the Machines labelled with one MAC (normally one; a user may have made another), the
 /// one a MAC belongs to: the first by name. tether-pxe and the machine API both decide by
@@ -115,6 +121,16 @@ pub struct MachineStatus {
     /// The tether-agent version that last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
+    /// The address the machine API sees the agent at, when it is one of the machine's own
+    /// (not a NAT's): the Node's IP, and the only IP a serving certificate may name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<String>,
+    /// The tenant whose software is on the machine, as the agent reports it (absent: clean).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The agent joins and needs a kubelet bootstrap token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub needs_bootstrap_token: bool,
     /// The machine certificate the API accepts for this Machine (and the one it replaced,
     /// until the agent has used the new one). Deleting the Machine revokes both.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -100,6 +100,127 @@ pub struct DesiredConfig {
     /// How often the agent reports (seconds): the operator marks it unreachable after
     /// three missed reports.
     pub report_seconds: u32,
+    /// What the machine joins, while a pool holds it; absent, the node keeps nothing of any
+    /// tenant (a released machine wipes what it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<Join>,
+}
+
+/// Everything a claimed machine needs to become a Node of its pool's tenant. Rendered by
+/// the pool controller for this one Machine and served only to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Join {
+    /// The tenant, `<namespace>/<name>`.
+    pub tenant: String,
+    /// The tenant API, `https://host:port`.
+    pub api_server: String,
+    /// The tenant cluster CA bundle (PEM).
+    pub ca: String,
+    /// The tenant's konnectivity agent endpoint, `host:port`, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub konnectivity: Option<String>,
+    /// `<id>.<secret>`, minted in the tenant for this Machine and this join (≤ 1 h); absent
+    /// once the kubelet holds its client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_token: Option<String>,
+    /// The kubelet's version.
+    pub kubernetes_version: String,
+    /// The Node's name (the Machine's).
+    pub node_name: String,
+    /// The kubelet's `--node-ip`: the address the machine API sees the machine at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<String>,
+    /// The runtime binaries, by digest from the artifact store.
+    pub artifacts: Vec<NodeArtifact>,
+    /// Kubelet settings.
+    pub kubelet: KubeletSettings,
+    /// containerd settings.
+    pub containerd: ContainerdSettings,
+    /// Routes to the other Nodes' pod CIDRs through their node IPs (host-gw).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<PodRoute>,
+    /// NTP servers, when the site gives them here rather than by DHCP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ntp: Vec<String>,
+    /// DNS servers, when the site gives them here rather than by DHCP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
+/// Where a node binary goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ArtifactKind {
+    /// containerd, its shim, runc, the kubelet.
+    #[default]
+    Binary,
+    /// A CNI plugin.
+    CniPlugin,
+}
+
+/// One node binary to download, check and install.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeArtifact {
+    /// File name (`kubelet`, `bridge`, …).
+    pub name: String,
+    /// Where it goes.
+    pub kind: ArtifactKind,
+    /// Its version.
+    pub version: String,
+    /// Download URL (the store's blob URL).
+    pub url: String,
+    /// Lower-case hex sha256.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What the kubelet is configured with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeletSettings {
+    /// The cluster DNS service IP.
+    pub cluster_dns: String,
+    /// The cluster domain.
+    pub cluster_domain: String,
+    /// Node labels (`--node-labels`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Taints registered with the Node, `key=value:Effect`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<String>,
+    /// `tether://<machine>`.
+    pub provider_id: String,
+}
+
+/// What containerd is configured with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerdSettings {
+    /// The sandbox (pause) image.
+    pub sandbox_image: String,
+    /// Registries pulled through mirrors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+}
+
+/// One registry mirrored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Mirror {
+    /// The registry manifests name (`registry.k8s.io`).
+    pub registry: String,
+    /// `host:port` of the mirror (plain HTTP).
+    pub endpoint: String,
+}
+
+/// A route to another Node's pods.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PodRoute {
+    /// That Node's pod CIDR.
+    pub cidr: String,
+    /// That Node's IP on the shared segment.
+    pub via: String,
 }
 
 impl DesiredConfig {
@@ -144,6 +265,13 @@ pub struct StatusReport {
     /// The agent's own conditions (`AgentReachable` is the operator's and is ignored here).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The tenant (`<namespace>/<name>`) whose software or state is on the node; absent
+    /// once a released node has wiped it (or before anything was installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The node joins and has no kubelet client certificate: it needs a bootstrap token.
+    #[serde(default)]
+    pub needs_bootstrap_token: bool,
 }
 
 /// The answer to a status report.
@@ -288,6 +416,7 @@ mod tests {
             pool: None,
             image: None,
             report_seconds: 15,
+            join: None,
         }
         .versioned();
         assert_eq!(c.version.len(), 32);

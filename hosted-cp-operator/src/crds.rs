@@ -5,7 +5,7 @@ use std::time::Duration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use tether_api::{BootImage, DataStore, Machine, TenantControlPlane};
+use tether_api::{BootImage, DataStore, Machine, TenantControlPlane, WorkerPool};
 
 use crate::error::Error;
 use crate::kube::MANAGER;
@@ -17,6 +17,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         BootImage::crd(),
         DataStore::crd(),
         TenantControlPlane::crd(),
+        WorkerPool::crd(),
     ]
 }
 

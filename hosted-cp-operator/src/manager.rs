@@ -1,5 +1,5 @@
-//! Starts everything the operator runs — the TenantControlPlane controller, the machine API
-//! and the Machine reachability sweep, the metrics dump — for both `tether-operator run` (a
+//! Starts everything the operator runs — the TenantControlPlane and WorkerPool controllers,
+//! the machine API and the Machine reachability sweep, the metrics dump — for both `tether-operator run` (a
 //! real management cluster) and `standalone` (one machine). A new controller is started
 //! next to the others in [`serve`]. A part that dies takes the process down with its error:
 //! nothing runs half alive.
@@ -38,6 +38,15 @@ pub async fn serve(
     machine_api: Option<crate::machine_api::Settings>,
 ) -> Result<(), Error> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let node_defaults = machine_api
+        .as_ref()
+        .map(|s| {
+            (
+                s.node_ntp.clone(),
+                s.node_dns.iter().map(|ip| ip.to_string()).collect(),
+            )
+        })
+        .unwrap_or_default();
     let api_task = match machine_api {
         Some(settings) => {
             let report = settings.report_seconds;
@@ -75,12 +84,22 @@ pub async fn serve(
         metrics: Mutex::new(Default::default()),
     });
     metrics_dump(ctx.clone(), data_dir.join("metrics.json"));
+    let pools = Arc::new(crate::machines::pool::Context {
+        client: ctx.client.clone(),
+        namespace: namespace.into(),
+        store: crate::machines::store::Store::new()?,
+        ntp: node_defaults.0,
+        dns: node_defaults.1,
+    });
+    // Both controllers stop on SIGINT/SIGTERM; the operator runs until both have.
+    let controllers =
+        futures::future::join(controller::run(ctx), crate::machines::pool::run(pools));
     let Some(mut api_task) = api_task else {
-        controller::run(ctx).await;
+        controllers.await;
         return Ok(());
     };
     tokio::select! {
-        _ = controller::run(ctx) => {
+        _ = controllers => {
             let _ = stop.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut api_task).await;
             Ok(())

@@ -183,6 +183,9 @@ pub fn content_range(from: u64, size: u64) -> String {
 
 /// An exclusive, non-blocking lock on `<dest>.lock`, held for the whole fetch.
 fn lock(dest: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(Error::io("create", dir))?;
+    }
     let path = sibling(dest, ".lock");
     let f = std::fs::OpenOptions::new()
         .create(true)

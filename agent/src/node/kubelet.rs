@@ -18,6 +18,18 @@ pub struct Options<'a> {
     /// accept cgroup v1, and cadvisor, finding no device behind the container's root,
     /// reports image filesystem capacity 0 — so the filesystem eviction signals are off.
     pub container_node: bool,
+    /// `providerID` (`tether://<machine>`).
+    pub provider_id: Option<&'a str>,
+    /// Taints to register with, `key=value:Effect`.
+    pub taints: &'a [String],
+}
+
+/// A `key=value:Effect` taint as the KubeletConfiguration's `registerWithTaints` entry.
+pub fn taint(s: &str) -> Option<serde_json::Value> {
+    let (kv, effect) = s.rsplit_once(':')?;
+    let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+    (!key.is_empty() && !effect.is_empty())
+        .then(|| json!({"key": key, "value": value, "effect": effect}))
 }
 
 /// `config.yaml` in the kubelet directory.
@@ -40,6 +52,12 @@ pub fn config(o: &Options) -> String {
         "serverTLSBootstrap": true,
         "resolvConf": "/etc/resolv.conf",
     });
+    if let Some(id) = o.provider_id {
+        c["providerID"] = json!(id);
+    }
+    if !o.taints.is_empty() {
+        c["registerWithTaints"] = o.taints.iter().filter_map(|t| taint(t)).collect();
+    }
     if o.container_node {
         c["failCgroupV1"] = json!(false);
         c["evictionHard"] = json!({
@@ -69,12 +87,21 @@ pub fn bootstrap_kubeconfig(l: &Layout, server: &str, token: &str) -> String {
     serde_json::to_string_pretty(&c).expect("serialise")
 }
 
-/// `kubelet.service`: Node name = Machine name, the node IP when chosen.
-pub fn unit(l: &Layout, node_name: &str, node_ip: Option<&str>) -> String {
+/// `kubelet.service`: Node name = Machine name, the node IP when chosen, the Node's labels.
+pub fn unit(
+    l: &Layout,
+    node_name: &str,
+    node_ip: Option<&str>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> String {
     let k = l.kubernetes_dir;
-    let ip = node_ip
+    let mut ip = node_ip
         .map(|ip| format!(" --node-ip={ip}"))
         .unwrap_or_default();
+    if !labels.is_empty() {
+        let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        ip.push_str(&format!(" --node-labels={}", l.join(",")));
+    }
     format!(
         "[Unit]\nDescription=kubelet (Tether)\nAfter=containerd.service\nRequires=containerd.service\n\n\
          [Service]\nExecStart={kubelet} --config={kd}/config.yaml \
@@ -98,6 +125,8 @@ mod tests {
                 cluster_dns: "10.96.0.10",
                 cluster_domain: "cluster.local",
                 container_node,
+                provider_id: Some("tether://m1"),
+                taints: &["gpu=:NoSchedule".to_string(), "bad".to_string()],
             }))
             .unwrap();
             assert_eq!(v["cgroupDriver"], "systemd");
@@ -109,6 +138,11 @@ mod tests {
                 "/etc/kubernetes/pki/ca.crt"
             );
             assert_eq!(v.get("failCgroupV1").is_some(), container_node);
+            assert_eq!(v["providerID"], "tether://m1");
+            assert_eq!(
+                v["registerWithTaints"],
+                json!([{"key": "gpu", "value": "", "effect": "NoSchedule"}])
+            );
             assert_eq!(v.get("evictionHard").is_some(), container_node);
         }
     }
@@ -127,9 +161,12 @@ mod tests {
             "https://10.0.0.1:6443"
         );
         assert_eq!(v["users"][0]["user"]["token"], "abcdef.0123456789abcdef");
-        let u = unit(&l, "mac-525400000001", Some("10.0.0.7"));
-        assert!(u.contains("--hostname-override=mac-525400000001 --node-ip=10.0.0.7\n"));
+        let labels = [("tether.dev/pool".to_string(), "w".to_string())].into();
+        let u = unit(&l, "mac-525400000001", Some("10.0.0.7"), &labels);
+        assert!(u.contains(
+            "--hostname-override=mac-525400000001 --node-ip=10.0.0.7 --node-labels=tether.dev/pool=w\n"
+        ));
         assert!(u.contains("ExecStart=/var/lib/tether/bin/kubelet "));
-        assert!(!unit(&l, "n", None).contains("--node-ip"));
+        assert!(!unit(&l, "n", None, &Default::default()).contains("--node-ip"));
     }
 }

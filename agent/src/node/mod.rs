@@ -1,12 +1,20 @@
-//! What makes a machine a Kubernetes node: the files containerd, the kubelet and CNI read.
-//! Pure renderers with table tests. Today the node-runtime test writes them into a node
-//! by hand (the way an operator would follow docs/decisions.md "A node joined by hand");
-//! the agent's install step writes them once WorkerPools exist (planned).
+//! What makes a machine a Kubernetes node of its pool's tenant.
+//!
+//! - Pure renderers with table tests: [`containerd`], [`kubelet`], [`cni`] (the files each
+//!   reads) and [`plan`] (every file of a join, where binaries go, what a change restarts);
+//! - edges: [`download`] (resumable, verified downloads from the store), [`install`] (the
+//!   named steps from a desired join to a Ready Node), [`own_node`] (the Node as the kubelet
+//!   sees it), [`routes`] (host-gw routes), [`wipe`] (everything of a tenant gone).
 
 pub mod cni;
 pub mod containerd;
 pub mod download;
+pub mod install;
 pub mod kubelet;
+pub mod own_node;
+pub mod plan;
+pub mod routes;
+pub mod wipe;
 
 /// Where the node runtime lives. The image's `/usr` and `/opt` are read-only, so binaries
 /// go under `/var/lib/tether` (the `/var` overlay, on the state partition or a tmpfs).

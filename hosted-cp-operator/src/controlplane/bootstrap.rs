@@ -4,13 +4,14 @@
 //!
 //! - `cluster-info` in `kube-public` (endpoint + CA; the controller-manager's
 //!   bootstrapsigner adds a JWS signature per bootstrap token) readable anonymously;
-//! - bootstrap-token RBAC: `system:bootstrappers` may create CSRs, their node-client CSRs
-//!   are auto-approved, and nodes' renewal CSRs too;
-//! - konnectivity: the server may review agent tokens; the agents' ServiceAccount;
-//! - one bootstrap token (also kept in the management cluster) for joining nodes.
+//! - bootstrap-token RBAC: `system:bootstrappers` may create CSRs, and nodes' renewal CSRs
+//!   are auto-approved by the controller-manager (`selfnodeclient`). The first client CSR of
+//!   a node is **not** (no `nodeclient` binding): the operator approves it per Machine
+//!   (`machines::csr`), with the per-Machine token it minted (`machines::bootstrap_tokens`);
+//! - konnectivity: the server may review agent tokens; the agents' ServiceAccount.
 //!
-//! CoreDNS and kube-proxy are left to the node-side issue; their manifests come with the
-//! images, which this machine has no way to run (decision in docs/control-plane.md).
+//! There is no tenant-wide join token: [`RETIRED`] lists what older versions made, which the
+//! bootstrap step deletes.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -74,13 +75,12 @@ impl BootstrapToken {
     }
 }
 
-/// The objects to apply into the tenant. `expiration` is RFC 3339.
-pub fn objects(
-    endpoint: &str,
-    ca_pem: &[u8],
-    token: &BootstrapToken,
-    expiration: &str,
-) -> Vec<Value> {
+/// The ClusterRoleBinding older versions made that let any bootstrap token holder obtain
+/// any node's client certificate (kube-controller-manager's blanket `nodeclient` approval).
+pub const RETIRED: &str = "kubeadm:node-autoapprove-bootstrap";
+
+/// The objects to apply into the tenant.
+pub fn objects(endpoint: &str, ca_pem: &[u8]) -> Vec<Value> {
     let cluster_info = json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -128,12 +128,6 @@ pub fn objects(
             "system:bootstrappers",
         ),
         crb(
-            "kubeadm:node-autoapprove-bootstrap",
-            "system:certificates.k8s.io:certificatesigningrequests:nodeclient",
-            "Group",
-            "system:bootstrappers",
-        ),
-        crb(
             "kubeadm:node-autoapprove-certificate-rotation",
             "system:certificates.k8s.io:certificatesigningrequests:selfnodeclient",
             "Group",
@@ -148,19 +142,6 @@ pub fn objects(
         json!({
             "apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": {"name": "konnectivity-agent", "namespace": "kube-system"},
-        }),
-        json!({
-            "apiVersion": "v1", "kind": "Secret", "type": "bootstrap.kubernetes.io/token",
-            "metadata": {"name": format!("bootstrap-token-{}", token.id), "namespace": "kube-system"},
-            "stringData": {
-                "token-id": token.id,
-                "token-secret": token.secret,
-                "expiration": expiration,
-                "usage-bootstrap-authentication": "true",
-                "usage-bootstrap-signing": "true",
-                "auth-extra-groups": "system:bootstrappers:tether",
-                "description": "made by tether-operator for joining nodes",
-            },
         }),
     ]
 }
@@ -185,9 +166,8 @@ mod tests {
     }
 
     #[test]
-    fn objects_carry_endpoint_ca_and_token() {
-        let t = BootstrapToken::parse("abcdef.0123456789abcdef").unwrap();
-        let objs = objects("https://127.0.0.1:1234", b"CA", &t, "2030-01-01T00:00:00Z");
+    fn objects_carry_endpoint_and_ca_and_no_blanket_approval() {
+        let objs = objects("https://127.0.0.1:1234", b"CA");
         let ci = objs
             .iter()
             .find(|o| o["metadata"]["name"] == "cluster-info")
@@ -201,16 +181,22 @@ mod tests {
             kc["clusters"][0]["cluster"]["certificate-authority-data"],
             STANDARD.encode("CA")
         );
-        let secret = objs.iter().find(|o| o["kind"] == "Secret").unwrap();
-        assert_eq!(secret["metadata"]["name"], "bootstrap-token-abcdef");
-        assert_eq!(secret["stringData"]["token-secret"], "0123456789abcdef");
+        assert!(
+            !objs.iter().any(|o| o["kind"] == "Secret"),
+            "no tenant-wide token"
+        );
+        assert!(
+            !objs.iter().any(|o| o["roleRef"]["name"]
+                == "system:certificates.k8s.io:certificatesigningrequests:nodeclient"),
+            "no blanket node-client approval"
+        );
         let names: Vec<&str> = objs
             .iter()
             .filter_map(|o| o["metadata"]["name"].as_str())
             .collect();
         for n in [
             "kubeadm:kubelet-bootstrap",
-            "kubeadm:node-autoapprove-bootstrap",
+            "kubeadm:node-autoapprove-certificate-rotation",
             "system:konnectivity-server",
         ] {
             assert!(names.contains(&n), "{n}");

@@ -199,6 +199,14 @@ pub async fn apply(t: Tenant<'_>) -> Result<Action, Error> {
 /// Runs every step's clean-up in reverse order; a failure stops there and the finalizer
 /// retries (each clean-up is idempotent).
 pub async fn cleanup(t: Tenant<'_>) -> Result<Action, Error> {
+    // The tenant's WorkerPools go first, while its API still answers: their machines are
+    // drained and wiped before the control plane they joined disappears.
+    let ns = t.tcp.namespace().unwrap_or_default();
+    if crate::machines::pool::delete_pools_of(&t.ctx.client, &ns, &t.name).await? > 0 {
+        return Err(Error::NotYet(
+            "the tenant's WorkerPools to release their machines",
+        ));
+    }
     for step in STEPS.iter().rev() {
         if let Some(work) = step.cleanup(&t) {
             let started = Instant::now();

@@ -151,6 +151,8 @@ pub struct Peer {
     pub machine: Option<String>,
     /// Hex sha256 of its DER.
     pub sha256: String,
+    /// The address the connection came from.
+    pub remote: Option<std::net::IpAddr>,
 }
 
 impl Peer {
@@ -168,6 +170,7 @@ impl Peer {
         Peer {
             machine,
             sha256: hex::encode(Sha256::digest(der)),
+            remote: None,
         }
     }
 }

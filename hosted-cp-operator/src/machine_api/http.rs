@@ -197,7 +197,10 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .map(|c| Peer::from_der(c));
+                .map(|c| Peer {
+                    remote: Some(remote.ip()),
+                    ..Peer::from_der(c)
+                });
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());

@@ -13,8 +13,10 @@ use kube::api::{
     Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions,
 };
 use serde_json::json;
+use std::net::IpAddr;
 use tether_api::machine::{AGENT_REACHABLE, Facts, MAC_LABEL, MachineCertificate, UUID_LABEL};
-use tether_api::machine_api::DesiredConfig;
+
+use tether_api::machine_api::{DesiredConfig, Join};
 use tether_api::token::{TokenKind, TokenRecord};
 use tether_api::{Machine, MachinePhase, MachineSpec};
 use tether_boot::{Mac, Uuid};
@@ -76,17 +78,31 @@ pub fn phase_after_enrollment(current: Option<MachinePhase>) -> MachinePhase {
     }
 }
 
-/// The phase after an agent report: for now the agent only confirms `Enrolled` (of a
-/// Machine that is Discovered); later phases belong to the pool controllers.
+/// The phase after an agent report. The agent confirms `Enrolled` (of a Machine that is
+/// Discovered) and, while a pool holds the machine, moves it through Installing, Joining and
+/// Ready as it gets there; a claim, a release or a failure are the controllers' to set.
 pub fn phase_after_report(current: MachinePhase, reported: Option<MachinePhase>) -> MachinePhase {
+    use MachinePhase::*;
     match (current, reported) {
-        (MachinePhase::Discovered, Some(MachinePhase::Enrolled)) => MachinePhase::Enrolled,
+        (Discovered, Some(Enrolled)) => Enrolled,
+        (
+            Assigned | Installing | Joining | Ready | Failed,
+            Some(p @ (Installing | Joining | Ready)),
+        ) => p,
+        (Installing | Joining | Ready, Some(Failed)) => Failed,
         (c, _) => c,
     }
 }
 
-/// The desired config of a Machine, versioned by its content.
-pub fn desired(m: &Machine, report_seconds: u32) -> DesiredConfig {
+/// Whether a Machine's desired config carries its join: a pool holds it and has not
+/// released it.
+pub fn serves_join(m: &Machine) -> bool {
+    m.spec.pool.is_some() && m.status.as_ref().map(|s| s.phase) != Some(MachinePhase::Released)
+}
+
+/// The desired config of a Machine with the join its pool rendered (ignored unless
+/// [`serves_join`]), versioned by its content.
+pub fn desired(m: &Machine, report_seconds: u32, join: Option<Join>) -> DesiredConfig {
     DesiredConfig {
         version: String::new(),
         machine: m.name_any(),
@@ -94,8 +110,34 @@ pub fn desired(m: &Machine, report_seconds: u32) -> DesiredConfig {
         pool: m.spec.pool.clone(),
         image: m.spec.image.clone(),
         report_seconds,
+        join: join.filter(|_| serves_join(m)),
     }
     .versioned()
+}
+
+/// The node IP of a machine seen at `remote`: `remote` itself when it is one of the
+/// machine's own addresses (not a NAT's); else the first IPv4 address of the NIC it booted
+/// from; else none (the kubelet picks).
+pub fn node_ip(remote: Option<IpAddr>, facts: Option<&Facts>) -> Option<String> {
+    let facts = facts?;
+    let addrs = |n: &tether_api::machine::Nic| -> Vec<IpAddr> {
+        n.addresses
+            .iter()
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect()
+    };
+    if let Some(r) = remote.map(|r| r.to_canonical())
+        && facts.nics.iter().any(|n| addrs(n).contains(&r))
+    {
+        return Some(r.to_string());
+    }
+    let boot = facts.boot_mac.as_deref()?;
+    facts
+        .nics
+        .iter()
+        .find(|n| n.mac.eq_ignore_ascii_case(boot))
+        .and_then(|n| addrs(n).into_iter().find(|a| a.is_ipv4()))
+        .map(|a| a.to_string())
 }
 
 /// Machine reads and writes.
@@ -300,6 +342,29 @@ impl Inventory {
         }
     }
 
+    /// Merge-patches Machine `m` itself (spec, labels, annotations) if it is still at the
+    /// `resourceVersion` it was read at: a claim that lost a race reports a conflict.
+    pub async fn patch_at(
+        &self,
+        m: &Machine,
+        mut patch: serde_json::Value,
+    ) -> Result<Written, Error> {
+        patch["metadata"]["resourceVersion"] = json!(m.metadata.resource_version);
+        match self
+            .api
+            .patch(
+                &m.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(Written::Yes),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Written::Conflict),
+            Err(e) => Err(Error::kube(format!("update Machine {}", m.name_any()))(e)),
+        }
+    }
+
     /// Every Machine (for the reachability sweep).
     pub async fn list(&self) -> Result<Vec<Machine>, Error> {
         Ok(self
@@ -424,5 +489,53 @@ mod tests {
         assert_eq!(phase_after_report(Assigned, Some(Enrolled)), Assigned);
         assert_eq!(phase_after_report(Enrolled, Some(Ready)), Enrolled);
         assert_eq!(phase_after_report(Enrolled, None), Enrolled);
+        assert_eq!(phase_after_report(Assigned, Some(Installing)), Installing);
+        assert_eq!(phase_after_report(Installing, Some(Joining)), Joining);
+        assert_eq!(phase_after_report(Joining, Some(Ready)), Ready);
+        assert_eq!(phase_after_report(Ready, Some(Joining)), Joining);
+        assert_eq!(phase_after_report(Installing, Some(Failed)), Failed);
+        assert_eq!(phase_after_report(Failed, Some(Installing)), Installing);
+        assert_eq!(
+            phase_after_report(Released, Some(Ready)),
+            Released,
+            "a release is the controller's"
+        );
+        assert_eq!(phase_after_report(Enrolled, Some(Failed)), Enrolled);
+    }
+
+    #[test]
+    fn node_ips_are_the_machines_own() {
+        let facts = Facts {
+            boot_mac: Some("52:54:00:00:00:01".into()),
+            nics: vec![
+                tether_api::machine::Nic {
+                    name: "eth0".into(),
+                    mac: "52:54:00:00:00:01".into(),
+                    addresses: vec!["fd00::7/64".into(), "10.0.0.7/24".into()],
+                },
+                tether_api::machine::Nic {
+                    name: "eth1".into(),
+                    mac: "52:54:00:00:00:02".into(),
+                    addresses: vec!["192.168.1.7/24".into()],
+                },
+            ],
+            ..Default::default()
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            node_ip(ip("192.168.1.7"), Some(&facts)).as_deref(),
+            Some("192.168.1.7")
+        );
+        assert_eq!(
+            node_ip(ip("::ffff:10.0.0.7"), Some(&facts)).as_deref(),
+            Some("10.0.0.7")
+        );
+        assert_eq!(
+            node_ip(ip("203.0.113.9"), Some(&facts)).as_deref(),
+            Some("10.0.0.7"),
+            "behind NAT: the boot NIC's IPv4"
+        );
+        assert_eq!(node_ip(None, Some(&facts)).as_deref(), Some("10.0.0.7"));
+        assert_eq!(node_ip(ip("10.0.0.7"), None), None);
     }
 }

@@ -70,6 +70,10 @@ pub struct Settings {
     pub enroll_rate: f64,
     /// Enrollments in a burst.
     pub enroll_burst: u32,
+    /// NTP servers joined machines are told (empty: DHCP's).
+    pub node_ntp: Vec<String>,
+    /// DNS servers joined machines are told (empty: DHCP's).
+    pub node_dns: Vec<IpAddr>,
 }
 
 impl Settings {
@@ -82,6 +86,8 @@ impl Settings {
             report_seconds: REPORT_SECONDS,
             enroll_rate: ENROLL_RATE,
             enroll_burst: ENROLL_BURST,
+            node_ntp_servers: Vec::new(),
+            node_dns_servers: Vec::new(),
         }
         .settings(listen, url)
     }
@@ -102,6 +108,31 @@ pub struct Tuning {
     /// Enrollments accepted in a burst.
     #[arg(long, default_value_t = ENROLL_BURST, value_parser = clap::value_parser!(u32).range(1..))]
     pub enroll_burst: u32,
+    /// NTP servers (names or addresses, comma-separated) that joined machines use instead of
+    /// the ones DHCP gives them — e.g. the management plane's, at an air-gapped site.
+    #[arg(long, value_delimiter = ',', value_parser = ntp_server)]
+    pub node_ntp_servers: Vec<String>,
+    /// DNS servers (addresses, comma-separated) that joined machines use instead of DHCP's.
+    #[arg(long, value_delimiter = ',')]
+    pub node_dns_servers: Vec<IpAddr>,
+}
+
+/// `--node-ntp-servers`: an IP address or a DNS name.
+fn ntp_server(s: &str) -> Result<String, String> {
+    let name_ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if s.parse::<IpAddr>().is_ok() || name_ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is neither an IP address nor a DNS name"))
+    }
 }
 
 /// `--enroll-rate`: a finite number above zero (zero would refuse every machine after the
@@ -124,6 +155,8 @@ impl Tuning {
             report_seconds: self.report_seconds,
             enroll_rate: self.enroll_rate,
             enroll_burst: self.enroll_burst,
+            node_ntp: self.node_ntp_servers.clone(),
+            node_dns: self.node_dns_servers.clone(),
         }
     }
 }
@@ -276,6 +309,16 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ntp_servers_are_addresses_or_names() {
+        for ok in ["10.0.0.1", "fd00::1", "ntp.site.example", "time1"] {
+            assert!(ntp_server(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "ntp..example", "-x.example", "a b", "x/y"] {
+            assert!(ntp_server(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn serving_names_from_urls() {

@@ -9,18 +9,23 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, Path, RawQuery, State};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
 use serde_json::json;
 use tether_api::Machine;
 use tether_api::machine::AGENT_REACHABLE;
 use tether_api::machine_api::{
-    DesiredConfig, EnrollResponse, Reason, RenewRequest, StatusAck, StatusReport,
+    DesiredConfig, EnrollResponse, Join, Reason, RenewRequest, StatusAck, StatusReport,
 };
 
 use super::Server;
 use super::certs::Peer;
 use super::http::{Failure, read_json};
 use super::inventory::{self, Inventory, Written};
-use crate::kube::{condition, merge_conditions, now_rfc3339};
+use crate::error::Error;
+use crate::kube::{condition, merge_conditions, now_rfc3339, read_secret};
+use crate::machines::join;
 use crate::x509::Csr;
 
 /// Longest a long-poll is held.
@@ -79,6 +84,33 @@ async fn authorize(server: &Server, peer: &Option<Peer>, name: &str) -> Result<M
     Ok(machine)
 }
 
+/// The desired config of `machine`, with the join its pool rendered (the Secret
+/// `tether-join-<machine>`, which only this Machine's certificate reaches).
+async fn desired_of(server: &Server, machine: &Machine) -> Result<DesiredConfig, Failure> {
+    let join = if inventory::serves_join(machine) {
+        read_join(server, &machine.name_any()).await?
+    } else {
+        None
+    };
+    Ok(inventory::desired(
+        machine,
+        server.settings.report_seconds,
+        join,
+    ))
+}
+
+async fn read_join(server: &Server, name: &str) -> Result<Option<Join>, Failure> {
+    let secrets: Api<Secret> = Api::namespaced(server.client.clone(), &server.namespace);
+    let files = read_secret(&secrets, &join::secret_name(name))
+        .await
+        .map_err(Failure::internal)?;
+    files
+        .get(join::JOIN_KEY)
+        .map(|b| serde_json::from_slice(b))
+        .transpose()
+        .map_err(|e| Failure::internal(Error::Invalid(format!("join Secret of {name}: {e}"))))
+}
+
 /// `version` and `timeout` of the long-poll's query (anything else is ignored; a malformed
 /// value is a JSON refusal like every other).
 fn parse_query(q: Option<&str>) -> Result<(Option<String>, Duration), Failure> {
@@ -128,7 +160,7 @@ pub async fn config(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let machine = authorize(&server, &peer, &name).await?;
-        let cfg = inventory::desired(&machine, server.settings.report_seconds);
+        let cfg = desired_of(&server, &machine).await?;
         if known.as_deref() != Some(cfg.version.as_str()) || tokio::time::Instant::now() >= deadline
         {
             return Ok(Json(cfg));
@@ -166,7 +198,7 @@ pub async fn status(
             == Written::Yes
         {
             return Ok(Json(StatusAck {
-                version: inventory::desired(&machine, server.settings.report_seconds).version,
+                version: desired_of(&server, &machine).await?.version,
             }));
         }
     }
@@ -199,6 +231,9 @@ fn report_patch(
     let mut patch = json!({"status": {
         "phase": inventory::phase_after_report(status.phase, report.phase),
         "lastSeen": now_rfc3339(),
+        "nodeIP": inventory::node_ip(peer.and_then(|p| p.remote), status.facts.as_ref()),
+        "tenant": report.tenant,
+        "needsBootstrapToken": report.needs_bootstrap_token,
         "agentVersion": report.agent_version,
         "currentImage": report.image_version,
         "bootSlot": report.boot_slot,

@@ -1,14 +1,18 @@
-//! Long-poll wake-ups: one `Notify` per Machine, woken by a watch on Machines, so a config
-//! long-poll returns as soon as its Machine changes instead of on a timer.
+//! Long-poll wake-ups: one `Notify` per Machine, woken by a watch on Machines and one on the
+//! join Secrets the pool controller renders, so a config long-poll returns as soon as its
+//! Machine or its join changes instead of on a timer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tether_api::Machine;
+
+use crate::machines::join::JOIN_LABEL;
 use tokio::sync::Notify;
 
 use super::Server;
@@ -38,22 +42,39 @@ impl Waiters {
     }
 }
 
-/// Watches Machines, waking their long-polls; runs as long as the API (it retries API errors
-/// with backoff, so it ends only if the watch stream itself ends).
+/// Watches Machines and join Secrets, waking their long-polls; runs as long as the API (it
+/// retries API errors with backoff, so it ends only if a watch stream itself ends).
 pub fn spawn_watch(client: kube::Client, server: Arc<Server>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let api: Api<Machine> = Api::all(client);
-        let mut events = watcher(api, watcher::Config::default())
+        let machines: Api<Machine> = Api::all(client.clone());
+        let mut machines = watcher(machines, watcher::Config::default())
             .default_backoff()
             .boxed();
-        while let Some(ev) = events.next().await {
-            match ev {
-                Ok(watcher::Event::Apply(m)) | Ok(watcher::Event::InitApply(m)) => {
-                    server.waiters.wake(&m.name_any(), false)
-                }
-                Ok(watcher::Event::Delete(m)) => server.waiters.wake(&m.name_any(), true),
-                Ok(_) => {}
-                Err(e) => tracing::debug!("machine watch: {e}"),
+        let secrets: Api<Secret> = Api::namespaced(client, &server.namespace);
+        let mut joins = watcher(secrets, watcher::Config::default().labels(JOIN_LABEL))
+            .default_backoff()
+            .boxed();
+        loop {
+            tokio::select! {
+                ev = machines.next() => match ev {
+                    Some(Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m))) => {
+                        server.waiters.wake(&m.name_any(), false)
+                    }
+                    Some(Ok(watcher::Event::Delete(m))) => server.waiters.wake(&m.name_any(), true),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::debug!("machine watch: {e}"),
+                    None => return,
+                },
+                ev = joins.next() => match ev {
+                    Some(Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s))) => {
+                        if let Some(m) = s.labels().get(JOIN_LABEL) {
+                            server.waiters.wake(m, false);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::debug!("join Secret watch: {e}"),
+                    None => return,
+                },
             }
         }
     })

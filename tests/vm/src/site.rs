@@ -133,6 +133,10 @@ impl Site {
         cmd.args(["standalone", "--data-dir"])
             .arg(&data)
             .args(["--advertise-address", &host_ip.to_string()])
+            // Joined machines are told the segment's DNS and NTP server (the site's dnsmasq
+            // answers DNS; DHCP names the same servers).
+            .args(["--node-dns-servers", &host_ip.to_string()])
+            .args(["--node-ntp-servers", &host_ip.to_string()])
             .env("RUST_LOG", "info,kube_client=warn,kube_runtime=warn");
         let mut operator = Process::spawn("tether-operator", cmd, &dir.join("operator.log"))
             .map_err(|e| e.to_string())?;

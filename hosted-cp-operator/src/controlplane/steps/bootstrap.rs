@@ -1,17 +1,21 @@
 //! What the tenant cluster itself needs before nodes join (`cluster-info`, bootstrap-token
-//! RBAC, konnectivity RBAC, the add-ons), applied into the tenant, and the bootstrap token
-//! it carries, kept in the management cluster as `<name>-bootstrap-token`.
+//! RBAC, konnectivity RBAC, the add-ons), applied into the tenant. What older versions made
+//! and Tether no longer grants — the tenant-wide join token (`<name>-bootstrap-token` in the
+//! management cluster, `bootstrap-token-<id>` in the tenant) and the blanket `nodeclient`
+//! approval — is deleted here.
 
 use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{Api, DeleteParams};
 use tether_api::TenantControlPlanePhase;
-use time::OffsetDateTime;
 
 use crate::controlplane::addons;
 use crate::controlplane::bootstrap::{self, BootstrapToken};
 use crate::controlplane::pipeline::{Flow, State, Step, Tenant, need};
 use crate::controlplane::pki::Rotation;
 use crate::error::Error;
-use crate::kube::{Files, apply_objects};
+use crate::kube::apply_objects;
 
 /// The tenant's bootstrap objects and token.
 pub struct TenantBootstrap;
@@ -41,15 +45,11 @@ async fn ensure(s: &mut State<'_>) -> Result<Flow, Error> {
     let pki = need(&s.pki, "pki")?;
     let version = need(&s.version, "version-gate")?;
     let tenant = need(&s.tenant_client, "readyz")?;
-    let token = token(&s.t).await?;
-    let expiration = (OffsetDateTime::now_utc() + time::Duration::days(365))
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let mut objects =
-        bootstrap::objects(endpoint, &pki.files["client-ca.crt"], &token, &expiration);
+    retire(&s.t, tenant).await?;
+    let mut objects = bootstrap::objects(endpoint, &pki.files["client-ca.crt"]);
     objects.extend(addons::objects(&s.t.tcp.spec, &version.run, endpoint));
-    // Applied only when something changed: the token's expiration is set once, and
-    // re-applying it on every reconcile would churn the object.
+    // Applied only when something changed: re-applying on every reconcile would churn the
+    // objects for nothing.
     let status = &s.status;
     let changed = status.phase != TenantControlPlanePhase::Ready
         || status.observed_generation != s.t.generation()
@@ -62,18 +62,40 @@ async fn ensure(s: &mut State<'_>) -> Result<Flow, Error> {
     Ok(Flow::Next)
 }
 
-/// The tenant's bootstrap token: the stored one, or a new one stored now.
-async fn token(t: &Tenant<'_>) -> Result<BootstrapToken, Error> {
+/// Deletes the tenant-wide join token and the blanket approval binding of older versions.
+async fn retire(t: &Tenant<'_>, tenant: &kube::Client) -> Result<(), Error> {
     let name = token_secret(&t.name);
     let stored = t.read_secret(&name).await?;
-    let parsed = stored
-        .get("token")
-        .and_then(|v| BootstrapToken::parse(&String::from_utf8_lossy(v)));
-    if let Some(token) = parsed {
-        return Ok(token);
+    if stored.is_empty() {
+        return Ok(());
     }
-    let token = BootstrapToken::generate()?;
-    let files = Files::from([("token".to_string(), token.token().into_bytes())]);
-    t.apply_secret(&name, &files).await?;
-    Ok(token)
+    let gone = |r: Result<_, kube::Error>, what: String| match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(what)(e)),
+    };
+    if let Some(token) = stored
+        .get("token")
+        .and_then(|v| BootstrapToken::parse(&String::from_utf8_lossy(v)))
+    {
+        let secrets: Api<Secret> = Api::namespaced(tenant.clone(), "kube-system");
+        let tname = format!("bootstrap-token-{}", token.id);
+        gone(
+            secrets
+                .delete(&tname, &DeleteParams::default())
+                .await
+                .map(drop),
+            format!("delete {tname}"),
+        )?;
+    }
+    let crbs: Api<ClusterRoleBinding> = Api::all(tenant.clone());
+    gone(
+        crbs.delete(bootstrap::RETIRED, &DeleteParams::default())
+            .await
+            .map(drop),
+        format!("delete ClusterRoleBinding {}", bootstrap::RETIRED),
+    )?;
+    t.delete_secret(&name).await?;
+    tracing::info!(tenant = %t.name, "retired the tenant-wide join token and node-client auto-approval");
+    Ok(())
 }

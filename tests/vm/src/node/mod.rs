@@ -1,17 +1,13 @@
-//! Kubernetes nodes joined by hand, without the agent (issue 9's first step): a tenant on
-//! the site's standalone, the store filled by `tether-image containers`, and machines of the
-//! image with the pinned runtime laid in and the files of [`tether_agent::node`] written —
-//! an nspawn node ([`nspawn`]) and a qemu node run by a shell script ([`qemu`]); what
-//! docs/decisions.md "A node joined by hand" records.
+//! Kubernetes nodes of the site: a tenant on the site's standalone ([`Tenant`]), WorkerPools
+//! that claim machines for it ([`apply_pool`]), and nspawn nodes of the image that the
+//! agent joins ([`nspawn`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tether_agent::node::{Layout, containerd, kubelet};
-use tether_upstream::{Cache, Component, Pins};
+use tether_upstream::Pins;
 
 pub mod nspawn;
-pub mod qemu;
 
 use crate::site::Site;
 
@@ -23,10 +19,6 @@ pub struct Tenant {
     pub endpoint: String,
     /// The admin kubeconfig, written to a file.
     pub admin: PathBuf,
-    /// The tenant's bootstrap token.
-    pub token: String,
-    /// The tenant CA (PEM).
-    pub ca: String,
 }
 
 impl Tenant {
@@ -73,11 +65,6 @@ impl Tenant {
             name: name.to_string(),
             endpoint: get(&format!("tcp/{name}"), "{.status.endpoint}"),
             admin,
-            token: b64(get(
-                &format!("secret/{name}-bootstrap-token"),
-                "{.data.token}",
-            )),
-            ca: b64(get(&format!("secret/{name}-pki"), "{.data.ca\\.crt}")),
         }
     }
 
@@ -124,121 +111,67 @@ impl Tenant {
     }
 }
 
-/// The pinned runtime binaries, hard-linked (else copied) into `dir/{bin,cni}` so a node
-/// can bind them read-only.
-pub fn runtime_dir(dir: &Path) -> (PathBuf, PathBuf) {
-    let cache = Cache::from_env();
-    let (bin, cni) = (dir.join("bin"), dir.join("cni"));
-    for (d, components) in [
-        (
-            &bin,
-            &[
-                Component::Containerd,
-                Component::ContainerdShimRuncV2,
-                Component::Ctr,
-                Component::Runc,
-                Component::Kubelet,
-            ][..],
-        ),
-        (
-            &cni,
-            &[
-                Component::CniBridge,
-                Component::CniHostLocal,
-                Component::CniLoopback,
-                Component::CniPortmap,
-            ][..],
-        ),
-    ] {
-        std::fs::create_dir_all(d).unwrap();
-        for c in components {
-            let from = cache
-                .pinned(*c)
-                .unwrap_or_else(|e| panic!("{e} (run `cargo xtask deps`)"));
-            let to = d.join(c.name());
-            if !to.exists() && std::fs::hard_link(&from, &to).is_err() {
-                std::fs::copy(&from, &to).unwrap();
-            }
-        }
-    }
-    (bin, cni)
-}
-
-/// The files that make a machine node `name` of `tenant`, pulling through `store`: (path on
-/// the node, contents). `container_node` for nspawn nodes on this host (cgroup v1, no
-/// `CAP_SYS_RESOURCE`; docs/decisions.md "A node joined by hand").
-pub fn node_files(
-    tenant: &Tenant,
-    store: &str,
+/// Applies WorkerPool `name` (namespace `default`) of `tenant` with `replicas` (and the
+/// kubelet `version`, else the tenant's), selecting exactly the Machines booted with `macs`
+/// (the tests share the site's inventory).
+pub fn apply_pool(
+    site: &Site,
+    tenant: &str,
     name: &str,
-    container_node: bool,
-) -> Vec<(String, String)> {
-    let l = Layout::default();
-    let pins = Pins::default();
-    let sandbox = format!("registry.k8s.io/pause:{}", pins.pause);
-    vec![
-        (
-            "/etc/containerd/config.toml".to_string(),
-            containerd::config(&containerd::Options {
-                layout: &l,
-                sandbox_image: &sandbox,
-                restrict_oom_score_adj: container_node,
-            }),
+    replicas: u32,
+    version: Option<&str>,
+    macs: &[&str],
+) {
+    let values: Vec<String> = macs
+        .iter()
+        .map(|m| m.parse::<tether_boot::Mac>().unwrap().dashed())
+        .collect();
+    let file = site.dir.join(format!("{name}.wp.yaml"));
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: tether.dev/v1alpha1\nkind: WorkerPool\n\
+             metadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  controlPlaneRef: {{name: {tenant}}}\n  replicas: {replicas}\n\
+             \x20 labels: {{tier: test}}\n{}\
+             \x20 machineSelector:\n    matchExpressions:\n\
+             \x20   - {{key: {}, operator: In, values: [{}]}}\n",
+            version
+                .map(|v| format!("  kubernetesVersion: {v}\n"))
+                .unwrap_or_default(),
+            tether_api::machine::MAC_LABEL,
+            values.join(", ")
         ),
-        (
-            format!("{}/registry.k8s.io/hosts.toml", l.certs_dir),
-            containerd::hosts_toml("registry.k8s.io", store),
-        ),
-        (
-            format!(
-                "{}/{}/hosts.toml",
-                l.certs_dir,
-                tether_image::containers::TEST_REGISTRY
-            ),
-            containerd::hosts_toml(tether_image::containers::TEST_REGISTRY, store),
-        ),
-        (
-            format!("{}/pki/ca.crt", l.kubernetes_dir),
-            tenant.ca.clone(),
-        ),
-        (
-            format!("{}/bootstrap-kubelet.conf", l.kubernetes_dir),
-            kubelet::bootstrap_kubeconfig(&l, &tenant.endpoint, &tenant.token),
-        ),
-        (
-            format!("{}/config.yaml", l.kubelet_dir),
-            kubelet::config(&kubelet::Options {
-                layout: &l,
-                cluster_dns: "10.96.0.10",
-                cluster_domain: "cluster.local",
-                container_node,
-            }),
-        ),
-        (
-            "/etc/systemd/system/containerd.service".to_string(),
-            containerd::unit(&l),
-        ),
-        (
-            "/etc/systemd/system/kubelet.service".to_string(),
-            kubelet::unit(&l, name, None),
-        ),
-    ]
+    )
+    .unwrap();
+    site.kubectl(&["apply", "-f", &file.display().to_string()])
+        .unwrap();
 }
 
-/// Every Node's `podCIDR` and InternalIP (Nodes without either yet are left out).
-pub fn pod_networks(tenant: &Tenant) -> Vec<(String, String)> {
-    let out = tenant
-        .kubectl(&[
-            "get",
-            "nodes",
-            "-o",
-            r#"jsonpath={range .items[*]}{.spec.podCIDR} {.status.addresses[?(@.type=="InternalIP")].address}{"\n"}{end}"#,
-        ])
-        .unwrap_or_default();
-    out.lines()
-        .filter_map(|l| {
-            let (cidr, ip) = l.trim().split_once(' ')?;
-            Some((cidr.to_string(), ip.to_string()))
+/// The Machine name of a machine that enrolled with `mac` (its MAC decides it).
+pub fn machine_of(mac: &str) -> String {
+    mac.parse::<tether_boot::Mac>().unwrap().machine_name()
+}
+
+/// Pushes the container images and node artifacts of the pins to the site's store, once
+/// per run; the store's address.
+pub async fn fill_store(site: &'static Site) -> String {
+    static FILLED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    FILLED
+        .get_or_init(|| async move {
+            let store = tether_testkit::published::artifact_store(&site.kubeconfig).unwrap();
+            let work = site.dir.join("containers");
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || {
+                tether_image::containers::push_all(&s, &Pins::default(), &work)
+                    .expect("build and push the container images");
+                tether_image::node_artifacts::push_all(&s, &Pins::default(), &work)
+                    .expect("push the node artifacts");
+            })
+            .await
+            .unwrap();
+            store
         })
-        .collect()
+        .await
+        .clone()
 }

@@ -3,5 +3,6 @@
 //! once per run for all of them.
 
 mod enroll;
+mod join_kills;
 mod node_artifacts;
-mod node_runtime;
+mod workers;

@@ -1,0 +1,371 @@
+//! Install and join: converges the node to a desired [`Join`] (or, with none, to a node with
+//! nothing of any tenant), one named [`Step`] after the other. Every step is idempotent —
+//! a file is rewritten only when its bytes differ, a verified binary is not fetched again,
+//! a unit is restarted only when what it reads changed — so an agent killed at any point
+//! converges on its next run without duplicating anything.
+//!
+//! Each step is logged as `node step=<Name>` before it runs; the kill tests read that, and
+//! the enrollment's test hook (`TETHER_AGENT_PHASE_PAUSE_MS`, [`crate::enroll::PAUSE_ENV`])
+//! pauses after each announcement here too, so a killer can land inside a step.
+//!
+//! The status the agent reports ([`Progress`]) follows: `Installing` from the first write,
+//! `Joining` once the kubelet runs, `Ready` when the Node is; a failure is `Failed` with a
+//! `NodeInstalled=False` condition saying why.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tether_api::machine::{MachinePhase, NODE_INSTALLED};
+use tether_api::machine_api::Join;
+use tether_api::tenant_control_plane::Condition;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use super::download::{self, Outcome, Want};
+use super::plan::{self, Host};
+use super::{Layout, own_node, routes, wipe};
+use crate::error::{Error, Result};
+use crate::systemd::Systemd;
+
+/// How long a unit job may take.
+const UNIT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The named steps of install and join, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// The tenant marker: from here on the node holds something of the tenant.
+    Marker,
+    /// The runtime binaries from the store, by digest.
+    Download,
+    /// containerd's and the kubelet's files and units.
+    Configure,
+    /// containerd (re)started.
+    Containerd,
+    /// The baked pause image imported.
+    Pause,
+    /// The kubelet (re)started.
+    Kubelet,
+    /// Waiting for the kubelet's client certificate (TLS bootstrap).
+    Certificate,
+    /// The CNI network from the Node's podCIDR and the host-gw routes.
+    Network,
+    /// Waiting for the Node to be Ready.
+    Ready,
+}
+
+/// What the agent reports of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Enrolled (nothing installed), Installing, Joining, Ready or Failed.
+    pub phase: Option<MachinePhase>,
+    /// The tenant whose software is on the node.
+    pub tenant: Option<String>,
+    /// The node joins without a kubelet client certificate yet.
+    pub needs_bootstrap_token: bool,
+    /// `NodeInstalled`, once there is something to say.
+    pub condition: Option<Condition>,
+    /// The step the node is at (for logs and tests).
+    pub step: Option<Step>,
+}
+
+/// Where the node stands after a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Converged {
+    /// Joined and Ready (or wiped clean, without a join).
+    Done,
+    /// Waiting on the tenant (a certificate, a podCIDR, Readiness): look again soon.
+    Waiting(String),
+}
+
+/// The node's installer.
+pub struct Installer {
+    /// `/` on a node; a tree in tests.
+    pub root: PathBuf,
+    /// Where things go.
+    pub layout: Layout,
+    /// What the node is.
+    pub host: Host,
+    /// systemd.
+    pub systemd: Systemd,
+    /// The store client.
+    pub http: reqwest::Client,
+    /// What the agent reports.
+    pub progress: watch::Sender<Progress>,
+    /// Files this process verified, by what they looked like then: a pass over an
+    /// installed node does not hash 170 MB again (a restart does, once).
+    pub verified: std::sync::Mutex<std::collections::HashMap<PathBuf, Stamp>>,
+}
+
+/// A verified file as it was: digest, size, modification time, inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    sha256: String,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path, sha256: &str) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            sha256: sha256.to_string(),
+            len: m.len(),
+            modified: m.modified().ok(),
+            ino: m.ino(),
+        })
+    }
+}
+
+impl Installer {
+    fn path(&self, p: &str) -> PathBuf {
+        crate::inputs::under(&self.root, p)
+    }
+
+    async fn at(&self, step: Step) {
+        tracing::info!("node step={step:?}");
+        self.progress.send_modify(|p| p.step = Some(step));
+        if let Some(ms) = std::env::var(crate::enroll::PAUSE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    /// One pass towards `join` (or towards a clean node without one).
+    pub async fn converge(&self, join: Option<&Join>) -> Result<Converged> {
+        let marker = std::fs::read_to_string(self.path(plan::TENANT_MARKER)).ok();
+        let held = marker.as_deref().map(str::trim).filter(|t| !t.is_empty());
+        let Some(join) = join else {
+            if held.is_some() {
+                wipe::wipe(&self.root, &self.layout, &self.systemd).await?;
+            }
+            self.progress.send_modify(|p| {
+                *p = Progress {
+                    phase: Some(MachinePhase::Enrolled),
+                    ..Default::default()
+                }
+            });
+            return Ok(Converged::Done);
+        };
+        if let Some(other) = held.filter(|t| *t != join.tenant) {
+            tracing::warn!(%other, "the node holds another tenant's software: wiping it first");
+            wipe::wipe(&self.root, &self.layout, &self.systemd).await?;
+        }
+        match self.install(join).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let reason = match &e {
+                    Error::DigestMismatch { .. } => "DigestMismatch",
+                    Error::Download { .. } => "DownloadFailed",
+                    Error::NoSpace { .. } => "NoSpace",
+                    _ => "InstallFailed",
+                };
+                self.progress.send_modify(|p| {
+                    p.phase = Some(MachinePhase::Failed);
+                    p.condition = Some(node_condition(false, reason, &e.to_string()));
+                });
+                Err(e)
+            }
+        }
+    }
+
+    async fn install(&self, join: &Join) -> Result<Converged> {
+        let has_cert = self.path(&plan::client_cert_path(&self.layout)).exists();
+        self.at(Step::Marker).await;
+        self.progress.send_modify(|p| {
+            p.tenant = Some(join.tenant.clone());
+            p.needs_bootstrap_token = !has_cert;
+            // A pass over an installed node does not go back to Installing.
+            if !matches!(p.phase, Some(MachinePhase::Joining | MachinePhase::Ready)) {
+                p.phase = Some(MachinePhase::Installing);
+            }
+        });
+        let files = plan::files(&self.layout, join, self.host);
+        let (marker, rest) = files.split_first().expect("the marker is first");
+        self.write(marker)?;
+
+        self.at(Step::Download).await;
+        self.download(join).await?;
+
+        self.at(Step::Configure).await;
+        let mut changed = Vec::new();
+        for f in rest {
+            if self.write(f)? {
+                changed.push(f.path.clone());
+            }
+        }
+        let (restart_containerd, restart_kubelet) = plan::restarts(&self.layout, &changed);
+        if changed.iter().any(|p| p.starts_with(plan::UNIT_DIR)) {
+            self.systemd.reload().await?;
+        }
+        for unit in plan::system_restarts(&changed) {
+            self.systemd.restart_unit(unit, UNIT_TIMEOUT).await?;
+        }
+
+        self.at(Step::Containerd).await;
+        self.ensure_running(plan::CONTAINERD_UNIT, restart_containerd)
+            .await?;
+
+        self.at(Step::Pause).await;
+        self.import_pause(join).await?;
+
+        self.at(Step::Kubelet).await;
+        self.ensure_running(plan::KUBELET_UNIT, restart_kubelet)
+            .await?;
+        self.progress.send_modify(|p| {
+            if p.phase != Some(MachinePhase::Ready) {
+                p.phase = Some(MachinePhase::Joining);
+            }
+            p.condition = Some(node_condition(
+                true,
+                "Installed",
+                "containerd and the kubelet run",
+            ));
+        });
+
+        self.at(Step::Certificate).await;
+        let cert = self.path(&plan::client_cert_path(&self.layout));
+        let Ok(client_pem) = std::fs::read_to_string(&cert) else {
+            return Ok(Converged::Waiting(
+                "the kubelet's client certificate".into(),
+            ));
+        };
+        self.progress
+            .send_modify(|p| p.needs_bootstrap_token = false);
+
+        self.at(Step::Network).await;
+        let node = own_node::read(&join.api_server, &join.ca, &client_pem, &join.node_name).await?;
+        let Some(node) = node else {
+            return Ok(Converged::Waiting("the Node to be registered".into()));
+        };
+        let Some(cidr) = &node.pod_cidr else {
+            return Ok(Converged::Waiting("the Node's podCIDR".into()));
+        };
+        self.write(&plan::cni_file(&self.layout, cidr))?;
+        routes::converge(&join.routes).await?;
+
+        self.at(Step::Ready).await;
+        if !node.ready {
+            self.progress
+                .send_modify(|p| p.phase = Some(MachinePhase::Joining));
+            return Ok(Converged::Waiting("the Node to be Ready".into()));
+        }
+        self.progress
+            .send_modify(|p| p.phase = Some(MachinePhase::Ready));
+        Ok(Converged::Done)
+    }
+
+    /// Writes `f` when its bytes differ; whether it did.
+    fn write(&self, f: &plan::File) -> Result<bool> {
+        let path = self.path(&f.path);
+        if std::fs::read(&path).is_ok_and(|b| b == f.contents.as_bytes()) {
+            return Ok(false);
+        }
+        crate::fs::write_atomic(&path, f.contents.as_bytes(), f.mode)?;
+        Ok(true)
+    }
+
+    async fn download(&self, join: &Join) -> Result<()> {
+        for a in &join.artifacts {
+            let dest = self.path(&plan::artifact_path(&self.layout, a));
+            let known = self
+                .verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&dest)
+                .cloned();
+            if known.is_some() && known == Stamp::of(&dest, &a.sha256) {
+                continue;
+            }
+            let want = Want {
+                url: &a.url,
+                sha256: &a.sha256,
+                size: a.size,
+            };
+            match download::fetch(&self.http, &want, &dest).await? {
+                Outcome::AlreadyPresent => {}
+                Outcome::Downloaded {
+                    fetched,
+                    resumed_from,
+                } => {
+                    tracing::info!(name = %a.name, version = %a.version, fetched, resumed_from, "installed")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_running(&self, unit: &str, restart: bool) -> Result<()> {
+        let active = self.systemd.active_state(unit).await.unwrap_or_default() == "active";
+        if restart || !active {
+            tracing::info!(unit, restart, "starting");
+            self.systemd.restart_unit(unit, UNIT_TIMEOUT).await?;
+        }
+        Ok(())
+    }
+
+    /// Imports the image's baked pause archive into containerd's CRI namespace, unless the
+    /// sandbox image is there already; an image without the archive pulls it instead.
+    async fn import_pause(&self, join: &Join) -> Result<()> {
+        let archive = self.path(plan::PAUSE_ARCHIVE);
+        if !archive.exists() {
+            return Ok(());
+        }
+        let ctr = self.path(&self.layout.bin("ctr"));
+        let name = format!("name=={}", join.containerd.sandbox_image);
+        let listed = run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
+        if String::from_utf8_lossy(&listed).trim() == join.containerd.sandbox_image {
+            return Ok(());
+        }
+        let archive = archive.to_string_lossy().into_owned();
+        run(&ctr, &["-n", "k8s.io", "images", "import", &archive]).await?;
+        tracing::info!(image = %join.containerd.sandbox_image, "pause imported from the image");
+        Ok(())
+    }
+}
+
+/// What the node under `root` is: a container (systemd's marker) on a cgroup v1 host (no
+/// unified hierarchy at `/sys/fs/cgroup`) needs the kubelet's and containerd's allowances.
+pub fn detect_host(root: &Path) -> Host {
+    let unified = crate::inputs::under(root, "/sys/fs/cgroup/cgroup.controllers").exists();
+    Host {
+        container_on_cgroup_v1: crate::facts::in_container(root) && !unified,
+    }
+}
+
+/// The `NodeInstalled` condition.
+pub fn node_condition(ok: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: NODE_INSTALLED.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+async fn run(program: &Path, args: &[&str]) -> Result<Vec<u8>> {
+    let what = format!("{} {}", program.display(), args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| Error::Command {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            what,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(out.stdout)
+}
