@@ -6,13 +6,14 @@ mod cp;
 mod deps;
 mod enroll;
 mod image;
+mod join;
 mod pxe;
 mod store;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["cp", "deps", "enroll", "image", "pxe", "store"];
+pub const AREAS: &[&str] = &["cp", "deps", "enroll", "image", "join", "pxe", "store"];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
@@ -21,6 +22,7 @@ pub fn run(area: &str, cold: bool) -> Result<(), Error> {
         "deps" => deps::run(cold),
         "enroll" => enroll::run(),
         "image" => image::run(cold),
+        "join" => join::run(),
         "pxe" => pxe::run(),
         "store" => store::run(),
         other => Err(Error::Usage(format!(
