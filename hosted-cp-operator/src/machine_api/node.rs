@@ -220,6 +220,11 @@ fn report_patch(
         .iter()
         .filter(|c| c.type_ != AGENT_REACHABLE)
         .cloned()
+        .map(|mut c| {
+            // A transition the agent did not date is dated now (kept while unchanged).
+            c.last_transition_time.get_or_insert_with(now_rfc3339);
+            c
+        })
         .collect();
     reported.push(condition(
         AGENT_REACHABLE,

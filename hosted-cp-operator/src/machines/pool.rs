@@ -44,7 +44,7 @@ use crate::machine_api::inventory::{Inventory, Written};
 /// The finalizer on every WorkerPool.
 pub const FINALIZER: &str = "tether.dev/worker-pool";
 /// Requeue of a pool with machines on their way.
-pub const BUSY: Duration = Duration::from_secs(2);
+pub const BUSY: Duration = Duration::from_secs(1);
 /// Requeue of a settled pool.
 pub const IDLE: Duration = Duration::from_secs(30);
 

@@ -21,7 +21,7 @@ use super::bootstrap_tokens::{self, Minted};
 use super::claim::{RELEASE_ANNOTATION, STAGE_DRAIN};
 use super::join;
 use crate::error::Error;
-use crate::machine_api::inventory::Inventory;
+use crate::machine_api::inventory::{Inventory, Written};
 
 /// Every address the machine API knows for `m`: the node IP and the NICs' addresses.
 pub fn known_ips(m: &Machine) -> Vec<IpAddr> {
@@ -195,9 +195,12 @@ async fn stop(
 /// Stage 3: the Machine is free again.
 async fn free(inventory: &Inventory, m: &Machine) -> Result<(), Error> {
     let name = m.name_any();
-    inventory
+    let freed = inventory
         .patch_at(m, json!({"metadata": {"annotations": {RELEASE_ANNOTATION: null}}, "spec": {"pool": null}}))
         .await?;
+    if freed == Written::Conflict {
+        return Ok(()); // changed since it was read: the next reconcile looks again
+    }
     let fresh = inventory
         .get(&name)
         .await?
