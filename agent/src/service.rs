@@ -136,8 +136,13 @@ impl Service {
             .ok()
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
+        // A restarted agent says at once what it holds and whether its kubelet still needs
+        // a bootstrap token (so the token its pending CSR uses is not taken away).
+        let has_cert =
+            crate::inputs::under(&self.root, &plan::client_cert_path(&Layout::default())).exists();
         let (progress_tx, progress) = watch::channel(Progress {
             phase: marker.is_none().then_some(MachinePhase::Enrolled),
+            needs_bootstrap_token: marker.is_some() && !has_cert,
             tenant: marker,
             ..Default::default()
         });

@@ -52,7 +52,11 @@ pub fn removals(l: &Layout) -> (Vec<String>, Vec<String>) {
             .to_string_lossy()
             .into_owned(),
     ];
-    (whole, vec!["/var/lib/containerd".into()])
+    // Every CNI network configuration goes, an add-on's too (one may hold a credential).
+    (
+        whole,
+        vec!["/var/lib/containerd".into(), l.cni_conf_dir.to_string()],
+    )
 }
 
 /// Mount points below any of `roots` in a `mountinfo` text, deepest first (field 5 is
@@ -131,6 +135,16 @@ pub async fn wipe(root: &Path, l: &Layout, systemd: &Systemd) -> Result<()> {
             }
             Err(e) => tracing::warn!(mount = %m, "unmount: {e}"),
         }
+    }
+    // Nothing is deleted through a mount that is still there (a volume's data, a host
+    // path): the wipe fails and the next pass tries again.
+    let info = std::fs::read_to_string("/proc/1/mountinfo")
+        .map_err(Error::io("read", "/proc/1/mountinfo"))?;
+    if let Some(m) = mounts_below(&info, &roots).first() {
+        return Err(Error::Command {
+            what: "wipe".into(),
+            detail: format!("{m} is still mounted; nothing under it was deleted"),
+        });
     }
     routes::converge(&[]).await?;
     delete_link("cni0").await;
@@ -221,7 +235,7 @@ mod tests {
             assert!(whole.iter().any(|w| w == p), "{p}");
         }
         assert!(!whole.iter().any(|w| w == "/var/lib/containerd"));
-        assert_eq!(contents, ["/var/lib/containerd"]);
+        assert_eq!(contents, ["/var/lib/containerd", "/etc/cni/net.d"]);
         assert!(
             !whole.iter().any(|w| w == plan::TENANT_MARKER),
             "the marker goes last, apart"

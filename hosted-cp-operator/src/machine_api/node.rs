@@ -13,11 +13,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
 use serde_json::json;
-use tether_api::Machine;
 use tether_api::machine::AGENT_REACHABLE;
 use tether_api::machine_api::{
     DesiredConfig, EnrollResponse, Join, Reason, RenewRequest, StatusAck, StatusReport,
 };
+use tether_api::{Machine, MachinePhase};
 
 use super::Server;
 use super::certs::Peer;
@@ -88,7 +88,7 @@ async fn authorize(server: &Server, peer: &Option<Peer>, name: &str) -> Result<M
 /// `tether-join-<machine>`, which only this Machine's certificate reaches).
 async fn desired_of(server: &Server, machine: &Machine) -> Result<DesiredConfig, Failure> {
     let join = if inventory::serves_join(machine) {
-        read_join(server, &machine.name_any()).await?
+        read_join(server, machine).await?
     } else {
         None
     };
@@ -99,11 +99,15 @@ async fn desired_of(server: &Server, machine: &Machine) -> Result<DesiredConfig,
     ))
 }
 
-async fn read_join(server: &Server, name: &str) -> Result<Option<Join>, Failure> {
+async fn read_join(server: &Server, machine: &Machine) -> Result<Option<Join>, Failure> {
     let secrets: Api<Secret> = Api::namespaced(server.client.clone(), &server.namespace);
-    let files = read_secret(&secrets, &join::secret_name(name))
+    let files = read_secret(&secrets, &join::secret_name(&machine.name_any()))
         .await
         .map_err(Failure::internal)?;
+    if !join::bound_to(&files, machine) {
+        return Ok(None); // left from an earlier claim or Machine: never served
+    }
+    let name = machine.name_any();
     files
         .get(join::JOIN_KEY)
         .map(|b| serde_json::from_slice(b))
@@ -234,7 +238,15 @@ fn report_patch(
         None,
     ));
     let mut patch = json!({"status": {
-        "phase": inventory::phase_after_report(status.phase, report.phase),
+        "phase": if machine.spec.pool.is_none()
+            && status.phase == MachinePhase::Released
+            && report.tenant.is_none()
+        {
+            // Given back and clean, but the pool's last write was lost: free.
+            MachinePhase::Enrolled
+        } else {
+            inventory::phase_after_report(status.phase, report.phase)
+        },
         "lastSeen": now_rfc3339(),
         "nodeIP": inventory::node_ip(peer.and_then(|p| p.remote), status.facts.as_ref()),
         "tenant": report.tenant,

@@ -16,6 +16,22 @@ use tether_api::{Machine, WorkerPool};
 pub const JOIN_LABEL: &str = "tether.dev/join";
 /// The join Secret's key holding the JSON.
 pub const JOIN_KEY: &str = "join.json";
+/// The join Secret's key naming the pool (`<ns>/<name>`) it was rendered for.
+pub const POOL_KEY: &str = "pool";
+/// The join Secret's key holding the UID of the Machine it was rendered for.
+pub const MACHINE_UID_KEY: &str = "machineUid";
+
+/// Whether a join Secret's `files` were rendered for `machine` as it is now: the same
+/// Machine object (a deleted and re-made namesake has another UID) claimed by the same
+/// pool. A join left behind must never reach a machine another pool (or tenant) holds.
+pub fn bound_to(files: &std::collections::BTreeMap<String, Vec<u8>>, machine: &Machine) -> bool {
+    let uid = machine.metadata.uid.as_deref().unwrap_or_default();
+    let pool = machine.spec.pool.as_deref().unwrap_or_default();
+    !uid.is_empty()
+        && !pool.is_empty()
+        && files.get(MACHINE_UID_KEY).map(Vec::as_slice) == Some(uid.as_bytes())
+        && files.get(POOL_KEY).map(Vec::as_slice) == Some(pool.as_bytes())
+}
 /// The Node label naming the pool (every pool's Nodes carry it).
 pub const POOL_LABEL: &str = "tether.dev/pool";
 
@@ -80,6 +96,33 @@ impl NodeView {
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
         }
     }
+}
+
+/// The Nodes host-gw routes may point at: only Nodes of Machines this tenant's pools hold
+/// (`peers`: Machine name → the node IP the machine API knows), through that IP — not the
+/// address a kubelet reports — and only for a pod CIDR inside the tenant's `pod_cidr`. A
+/// Node anyone with rights in the tenant can create must not redirect a machine's traffic.
+pub fn route_targets(
+    nodes: &[NodeView],
+    peers: &BTreeMap<String, String>,
+    pod_cidr: &str,
+) -> Vec<NodeView> {
+    use tether_api::tenant_control_plane::Cidr;
+    let Ok(range) = Cidr::parse(pod_cidr) else {
+        return Vec::new();
+    };
+    nodes
+        .iter()
+        .filter_map(|n| {
+            let ip = peers.get(&n.name)?;
+            let cidr = Cidr::parse(n.pod_cidr.as_deref()?).ok()?;
+            let inside = range.contains(cidr.addr) && cidr.prefix >= range.prefix;
+            inside.then(|| NodeView {
+                internal_ip: Some(ip.clone()),
+                ..n.clone()
+            })
+        })
+        .collect()
 }
 
 /// Why a Node label may not be set by the kubelet itself (the NodeRestriction admission
@@ -265,6 +308,68 @@ mod tests {
         assert_eq!(
             j.bootstrap_token.as_deref(),
             Some("abcdef.0123456789abcdef")
+        );
+    }
+
+    #[test]
+    fn a_join_reaches_only_the_machine_and_claim_it_was_made_for() {
+        let mut m = Machine::new("m1", Default::default());
+        m.metadata.uid = Some("uid-1".into());
+        m.spec.pool = Some("ns/p".into());
+        let files: std::collections::BTreeMap<String, Vec<u8>> = [
+            (POOL_KEY.to_string(), b"ns/p".to_vec()),
+            (MACHINE_UID_KEY.to_string(), b"uid-1".to_vec()),
+        ]
+        .into();
+        assert!(bound_to(&files, &m));
+        let mut other_pool = m.clone();
+        other_pool.spec.pool = Some("ns2/q".into());
+        let mut remade = m.clone();
+        remade.metadata.uid = Some("uid-2".into());
+        let mut unclaimed = m.clone();
+        unclaimed.spec.pool = None;
+        for (why, x) in [
+            ("another pool", other_pool),
+            ("a namesake", remade),
+            ("unclaimed", unclaimed),
+        ] {
+            assert!(!bound_to(&files, &x), "{why}");
+        }
+        assert!(
+            !bound_to(&Default::default(), &m),
+            "an old Secret without the keys"
+        );
+    }
+
+    #[test]
+    fn routes_only_to_the_tenants_machines_inside_its_pod_range() {
+        let n = |name: &str, cidr: &str, ip: &str| NodeView {
+            name: name.into(),
+            pod_cidr: Some(cidr.into()),
+            internal_ip: Some(ip.into()),
+            ready: true,
+        };
+        let nodes = [
+            n("m1", "10.244.1.0/24", "10.0.0.7"),
+            n("m2", "10.244.2.0/24", "10.0.0.66"),
+            n("rogue", "10.244.3.0/24", "10.0.0.9"),
+            n("m3", "0.0.0.0/0", "10.0.0.10"),
+        ];
+        let peers: BTreeMap<String, String> = [
+            ("m1".to_string(), "10.0.0.7".to_string()),
+            ("m2".to_string(), "10.0.0.8".to_string()),
+            ("m3".to_string(), "10.0.0.10".to_string()),
+        ]
+        .into();
+        let got = route_targets(&nodes, &peers, "10.244.0.0/16");
+        let pairs: Vec<(&str, &str)> = got
+            .iter()
+            .map(|n| (n.name.as_str(), n.internal_ip.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [("m1", "10.0.0.7"), ("m2", "10.0.0.8")],
+            "the machine API's IP, not the reported one; no rogue Node, no default route"
         );
     }
 

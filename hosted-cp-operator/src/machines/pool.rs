@@ -12,13 +12,13 @@
 //! so a pool whose machines are not all Ready is looked at again every [`BUSY`]; a settled
 //! one every [`IDLE`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use kube::api::{Api, ListParams, ResourceExt};
+use kube::api::{Api, ListParams, Resource, ResourceExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -120,6 +120,15 @@ type Blocked = (&'static str, String);
 async fn resolve(pool: &WorkerPool, ctx: &Context) -> Result<Result<Resolved, Blocked>, Error> {
     let ns = pool.namespace().unwrap_or_default();
     let spec = &pool.spec;
+    // The pool's name ends the bootstrap tokens' group (`system:bootstrappers:tether:<pool>`),
+    // which the API server accepts only in `[a-z0-9:-]`.
+    let name = pool.name_any();
+    if name.contains('.') {
+        return Ok(Err((
+            "InvalidSpec",
+            format!("pool name {name:?}: no dots (it names the bootstrap tokens' group)"),
+        )));
+    }
     if let Err(e) = spec.machine_selector.validate() {
         return Ok(Err(("InvalidSpec", format!("spec.machineSelector: {e}"))));
     }
@@ -235,6 +244,13 @@ async fn apply(pool: &WorkerPool, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .map(NodeView::of)
         .collect();
+    let keys = tenant_pool_keys(ctx, pool, &resolved).await?;
+    let peers: BTreeMap<String, String> = machines
+        .iter()
+        .filter(|m| m.spec.pool.as_ref().is_some_and(|k| keys.contains(k)))
+        .filter_map(|m| Some((m.name_any(), m.status.as_ref()?.node_ip.clone()?)))
+        .collect();
+    let route_to = join::route_targets(&nodes, &peers, &resolved.tcp.spec.network_profile.pod_cidr);
     let minted = bootstrap_tokens::list(&resolved.client).await?;
     let (releasing, kept): (Vec<&Machine>, Vec<&Machine>) =
         owned.into_iter().partition(|m| claim::releasing(m));
@@ -264,11 +280,11 @@ async fn apply(pool: &WorkerPool, ctx: &Context) -> Result<Action, Error> {
             &artifacts,
             m,
             &minted,
-            &nodes,
+            &route_to,
         )
         .await?;
     }
-    sweep_csrs(ctx, pool, &resolved, &machines, &nodes).await?;
+    sweep_csrs(&resolved, &keys, &machines, &nodes).await?;
     write_status(pool, ctx, &kept, &nodes, Some(&resolved.version), None).await?;
     let ready = kept.iter().filter(|m| node_ready(&nodes, m)).count();
     let settled = releasing.is_empty() && kept.len() == want && ready == want;
@@ -330,13 +346,9 @@ async fn ensure_join(
             .patch_status_at(m, json!({"status": {"phase": MachinePhase::Assigned}}))
             .await?;
     }
-    // Until the agent says otherwise, a machine that has not joined needs a token.
-    let needs = status.needs_bootstrap_token
-        || (status.tenant.is_none()
-            && matches!(
-                status.phase,
-                MachinePhase::Enrolled | MachinePhase::Assigned
-            ));
+    // Until the agent says otherwise, a claimed machine holding nothing of the tenant (new,
+    // or diskless and just rebooted) needs a token.
+    let needs = status.needs_bootstrap_token || status.tenant.is_none();
     let now = time::OffsetDateTime::now_utc();
     let token = if needs {
         let usable = minted
@@ -358,33 +370,40 @@ async fn ensure_join(
     let bytes = serde_json::to_vec_pretty(&join).expect("a join serializes");
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let secret = join::secret_name(&name);
-    if read_secret(&secrets, &secret).await?.get(join::JOIN_KEY) != Some(&bytes) {
+    let files = Files::from([
+        (join::JOIN_KEY.to_string(), bytes),
+        (
+            join::POOL_KEY.to_string(),
+            m.spec.pool.clone().unwrap_or_default().into_bytes(),
+        ),
+        (
+            join::MACHINE_UID_KEY.to_string(),
+            m.metadata.uid.clone().unwrap_or_default().into_bytes(),
+        ),
+    ]);
+    if read_secret(&secrets, &secret).await? != files {
         let labels = [(join::JOIN_LABEL.to_string(), name.clone())].into();
-        apply_secret(
-            &secrets,
-            &secret,
-            labels,
-            None,
-            &Files::from([(join::JOIN_KEY.to_string(), bytes)]),
-        )
-        .await?;
+        // Owned by the Machine: deleting it takes its join along.
+        let owner = m.controller_owner_ref(&()).map(|mut o| {
+            o.controller = None;
+            o.block_owner_deletion = None;
+            o
+        });
+        apply_secret(&secrets, &secret, labels, owner, &files).await?;
         tracing::info!(machine = %name, token = join.bootstrap_token.is_some(), "join rendered");
     }
     Ok(())
 }
 
-/// Approves or denies the tenant's pending kubelet CSRs, knowing every Machine any pool of
-/// this tenant holds.
-async fn sweep_csrs(
+/// The keys (`<ns>/<name>`) of every pool of the pool's tenant.
+async fn tenant_pool_keys(
     ctx: &Context,
     pool: &WorkerPool,
     r: &Resolved,
-    machines: &[Machine],
-    nodes: &[NodeView],
-) -> Result<(), Error> {
+) -> Result<BTreeSet<String>, Error> {
     let ns = pool.namespace().unwrap_or_default();
     let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &ns);
-    let keys: BTreeSet<String> = pools
+    Ok(pools
         .list(&ListParams::default())
         .await
         .map_err(Error::kube("list WorkerPools"))?
@@ -392,7 +411,17 @@ async fn sweep_csrs(
         .iter()
         .filter(|p| p.spec.control_plane_ref.name == r.tcp.name_any())
         .map(|p| pool_key(&ns, &p.name_any()))
-        .collect();
+        .collect())
+}
+
+/// Approves or denies the tenant's pending kubelet CSRs, knowing every Machine any pool of
+/// this tenant (`keys`) holds.
+async fn sweep_csrs(
+    r: &Resolved,
+    keys: &BTreeSet<String>,
+    machines: &[Machine],
+    nodes: &[NodeView],
+) -> Result<(), Error> {
     let minted = bootstrap_tokens::list(&r.client).await?;
     let known: Vec<Known> = machines
         .iter()

@@ -87,8 +87,8 @@ pub async fn step(
         bootstrap_tokens::delete(tenant, minted, &name).await?;
         return stop(inventory, mgmt, namespace, m).await;
     }
-    if m.status.as_ref().is_some_and(|s| s.tenant.is_some()) {
-        return Ok(()); // the agent has not wiped yet
+    if !wiped(m) {
+        return Ok(()); // no report since the release that says the node is clean
     }
     let nodes: Api<Node> = Api::all(tenant.clone());
     match nodes.delete(&name, &DeleteParams::default()).await {
@@ -110,7 +110,7 @@ pub async fn step_without_tenant(
     if status.phase != MachinePhase::Released {
         return stop(inventory, mgmt, namespace, m).await;
     }
-    if status.tenant.is_none() {
+    if wiped(m) {
         return free(inventory, m).await;
     }
     Ok(())
@@ -175,6 +175,17 @@ async fn stop(
     m: &Machine,
 ) -> Result<(), Error> {
     let name = m.name_any();
+    let at = crate::kube::now_rfc3339();
+    let marked = inventory
+        .patch_at(m, json!({"metadata": {"annotations": {RELEASED_AT: at}}}))
+        .await?;
+    if marked == Written::Conflict {
+        return Ok(()); // the next reconcile looks again
+    }
+    let m = &inventory
+        .get(&name)
+        .await?
+        .ok_or(Error::NotYet("the released Machine"))?;
     let secrets: Api<Secret> = Api::namespaced(mgmt.clone(), namespace);
     crate::kube::delete_labelled_secret(
         &secrets,
@@ -196,20 +207,47 @@ async fn stop(
 async fn free(inventory: &Inventory, m: &Machine) -> Result<(), Error> {
     let name = m.name_any();
     let freed = inventory
-        .patch_at(m, json!({"metadata": {"annotations": {RELEASE_ANNOTATION: null}}, "spec": {"pool": null}}))
+        .patch_at(m, json!({"metadata": {"annotations": {RELEASE_ANNOTATION: null, RELEASED_AT: null}}, "spec": {"pool": null}}))
         .await?;
     if freed == Written::Conflict {
         return Ok(()); // changed since it was read: the next reconcile looks again
     }
-    let fresh = inventory
-        .get(&name)
-        .await?
-        .ok_or(Error::NotYet("the released Machine"))?;
-    inventory
-        .patch_status_at(&fresh, json!({"status": {"phase": MachinePhase::Enrolled}}))
-        .await?;
-    tracing::info!(machine = %name, "free again");
-    Ok(())
+    // (Should this write be lost, the machine API makes an unclaimed Released Machine
+    // Enrolled at its agent's next clean report.)
+    for _ in 0..3 {
+        let fresh = inventory
+            .get(&name)
+            .await?
+            .ok_or(Error::NotYet("the released Machine"))?;
+        let done = inventory
+            .patch_status_at(&fresh, json!({"status": {"phase": MachinePhase::Enrolled}}))
+            .await?;
+        if done == Written::Yes {
+            tracing::info!(machine = %name, "free again");
+            return Ok(());
+        }
+    }
+    Err(Error::NotYet("the freed Machine kept changing"))
+}
+
+/// Annotation: when the release's stop stage took the join away (RFC 3339).
+pub const RELEASED_AT: &str = "tether.dev/released-at";
+
+/// Whether the agent has said, in a report made after the join was taken away, that the
+/// node holds nothing of the tenant — a report from before (or none at all, from an agent
+/// that never got that far) does not count.
+pub fn wiped(m: &Machine) -> bool {
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+    let Some(s) = m.status.as_ref() else {
+        return false;
+    };
+    let parse = |t: Option<&String>| t.and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
+    let released = parse(m.annotations().get(RELEASED_AT));
+    let seen = parse(s.last_seen.as_ref());
+    s.phase == MachinePhase::Released
+        && s.tenant.is_none()
+        && matches!((released, seen), (Some(r), Some(l)) if l > r)
 }
 
 #[cfg(test)]
@@ -238,6 +276,41 @@ mod tests {
         };
         let ips: Vec<String> = known_ips(&m).iter().map(|i| i.to_string()).collect();
         assert_eq!(ips, ["10.0.0.7", "fe80::1"]);
+    }
+
+    #[test]
+    fn wiped_needs_a_clean_report_after_the_release() {
+        let m = |tenant: Option<&str>, seen: &str, released: Option<&str>| {
+            let mut m = Machine::new("m", Default::default());
+            if let Some(r) = released {
+                m.metadata.annotations = Some([(RELEASED_AT.to_string(), r.to_string())].into());
+            }
+            m.status = Some(MachineStatus {
+                phase: MachinePhase::Released,
+                tenant: tenant.map(Into::into),
+                last_seen: Some(seen.into()),
+                ..Default::default()
+            });
+            m
+        };
+        let (before, at, after) = (
+            "2026-11-30T10:00:00Z",
+            "2026-11-30T10:00:01Z",
+            "2026-11-30T10:00:02Z",
+        );
+        assert!(wiped(&m(None, after, Some(at))));
+        assert!(
+            !wiped(&m(None, before, Some(at))),
+            "a report from before the release"
+        );
+        assert!(
+            !wiped(&m(Some("ns/t"), after, Some(at))),
+            "still holds the tenant"
+        );
+        assert!(!wiped(&m(None, after, None)), "no release time");
+        let mut not_released = m(None, after, Some(at));
+        not_released.status.as_mut().unwrap().phase = MachinePhase::Ready;
+        assert!(!wiped(&not_released));
     }
 
     #[test]

@@ -58,11 +58,21 @@ async fn ensure(s: &mut State<'_>) -> Result<Flow, Error> {
         || status.endpoint.as_deref() != Some(endpoint);
     if changed {
         apply_objects(tenant, &objects).await?;
+        // The blanket node-client approval of earlier versions, wherever it still is.
+        let crbs: Api<ClusterRoleBinding> = Api::all(tenant.clone());
+        match crbs
+            .delete(bootstrap::RETIRED, &DeleteParams::default())
+            .await
+        {
+            Ok(_) => tracing::info!(tenant = %s.t.name, "deleted {}", bootstrap::RETIRED),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(Error::kube(format!("delete {}", bootstrap::RETIRED))(e)),
+        }
     }
     Ok(Flow::Next)
 }
 
-/// Deletes the tenant-wide join token and the blanket approval binding of older versions.
+/// Deletes the tenant-wide join token of older versions.
 async fn retire(t: &Tenant<'_>, tenant: &kube::Client) -> Result<(), Error> {
     let name = token_secret(&t.name);
     let stored = t.read_secret(&name).await?;
@@ -88,14 +98,7 @@ async fn retire(t: &Tenant<'_>, tenant: &kube::Client) -> Result<(), Error> {
             format!("delete {tname}"),
         )?;
     }
-    let crbs: Api<ClusterRoleBinding> = Api::all(tenant.clone());
-    gone(
-        crbs.delete(bootstrap::RETIRED, &DeleteParams::default())
-            .await
-            .map(drop),
-        format!("delete ClusterRoleBinding {}", bootstrap::RETIRED),
-    )?;
     t.delete_secret(&name).await?;
-    tracing::info!(tenant = %t.name, "retired the tenant-wide join token and node-client auto-approval");
+    tracing::info!(tenant = %t.name, "retired the tenant-wide join token");
     Ok(())
 }

@@ -1,6 +1,10 @@
 //! The agent SIGKILLed at points spread over every named step of install and join (issue
 //! 10): each kill logs the step it hit, the test fails unless every step was hit, and the
 //! node still converges to a Ready Node without any binary crossing the wire in full twice.
+//! The agent's pause hook holds each step just after it is announced, so most kills land
+//! at a step's start, after everything before it was done; every other Download kill lands
+//! past the pause, while bytes flow. (Kills inside the fast steps' own work — a file
+//! rename, a D-Bus job — are not aimed at; a kill in the middle of a wipe is not tested.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};

@@ -390,7 +390,7 @@ async fn a_tampered_kubelet_is_refused_and_deleting_the_tenant_frees_the_machine
         .await
         .unwrap();
     // "Kubelet v1.36.2": the pinned kubelet plus a byte, pushed; then one byte of the
-    // store's copy flipped, as a tampered or corrupted store would serve it.
+    // store's copy flipped, as a corrupted store would serve it (bytes that do not match the digest).
     let pinned = tether_upstream::Cache::from_env()
         .pinned(tether_upstream::Component::Kubelet)
         .unwrap();
