@@ -122,8 +122,9 @@ pub struct MachineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
     /// The address the machine API sees the agent at, when it is one of the machine's own
-    /// (not a NAT's): the Node's IP, and the only IP a serving certificate may name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (not a NAT's): the Node's IP, and the IP its serving certificate and the other
+    /// nodes' routes use. (`nodeIP`, as Kubernetes spells `podIP` and `hostIP`.)
+    #[serde(default, rename = "nodeIP", skip_serializing_if = "Option::is_none")]
     pub node_ip: Option<String>,
     /// The tenant whose software is on the machine, as the agent reports it (absent: clean).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +287,17 @@ mod tests {
         assert!(json.get("uuid").is_none());
         let back: MachineSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn status_fields_are_spelled_as_the_machine_api_writes_them() {
+        let s: MachineStatus = serde_json::from_value(serde_json::json!({
+            "nodeIP": "10.0.0.7", "tenant": "ns/t", "needsBootstrapToken": true,
+        }))
+        .unwrap();
+        assert_eq!(s.node_ip.as_deref(), Some("10.0.0.7"));
+        assert_eq!(s.tenant.as_deref(), Some("ns/t"));
+        assert!(s.needs_bootstrap_token);
     }
 
     #[test]

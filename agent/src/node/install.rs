@@ -18,7 +18,6 @@ use std::time::Duration;
 use tether_api::machine::{MachinePhase, NODE_INSTALLED};
 use tether_api::machine_api::Join;
 use tether_api::tenant_control_plane::Condition;
-use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::download::{self, Outcome, Want};
@@ -316,12 +315,12 @@ impl Installer {
         }
         let ctr = self.path(&self.layout.bin("ctr"));
         let name = format!("name=={}", join.containerd.sandbox_image);
-        let listed = run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
+        let listed = super::run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
         if String::from_utf8_lossy(&listed).trim() == join.containerd.sandbox_image {
             return Ok(());
         }
         let archive = archive.to_string_lossy().into_owned();
-        run(&ctr, &["-n", "k8s.io", "images", "import", &archive]).await?;
+        super::run(&ctr, &["-n", "k8s.io", "images", "import", &archive]).await?;
         tracing::info!(image = %join.containerd.sandbox_image, "pause imported from the image");
         Ok(())
     }
@@ -345,27 +344,4 @@ pub fn node_condition(ok: bool, reason: &str, message: &str) -> Condition {
         message: message.into(),
         ..Default::default()
     }
-}
-
-async fn run(program: &Path, args: &[&str]) -> Result<Vec<u8>> {
-    let what = format!("{} {}", program.display(), args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| Error::Command {
-            what: what.clone(),
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            what,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(out.stdout)
 }

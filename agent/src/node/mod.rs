@@ -53,3 +53,47 @@ impl Layout {
         format!("{}/{name}", self.bin_dir)
     }
 }
+
+/// Runs `program` with `args` (the pinned `ctr`, iproute2's `ip`); its output, or an error
+/// naming the command, its exit status and what it wrote to stderr.
+pub(crate) async fn run(program: &std::path::Path, args: &[&str]) -> crate::error::Result<Vec<u8>> {
+    let what = format!("{} {}", program.display(), args.join(" "));
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| crate::error::Error::Command {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(crate::error::Error::Command {
+            what,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commands_give_their_output_or_say_how_they_failed() {
+        let sh = std::path::Path::new("sh");
+        assert_eq!(run(sh, &["-c", "echo hi"]).await.unwrap(), b"hi\n");
+        let err = run(sh, &["-c", "echo no >&2; exit 3"]).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("sh -c") && text.contains("no") && text.contains('3'),
+            "{text}"
+        );
+        let missing = run(std::path::Path::new("/nonexistent/tool"), &[]).await;
+        assert!(missing.is_err());
+    }
+}

@@ -5,7 +5,6 @@
 //! a netlink crate would add a dependency for three calls — docs/decisions.md).
 
 use tether_api::machine_api::PodRoute;
-use tokio::process::Command;
 
 use crate::error::{Error, Result};
 
@@ -51,26 +50,7 @@ pub fn parse(json: &[u8]) -> Result<Vec<PodRoute>> {
 }
 
 async fn ip(args: &[&str]) -> Result<Vec<u8>> {
-    let what = format!("ip {}", args.join(" "));
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| Error::Command {
-            what: what.clone(),
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            what,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(out.stdout)
+    super::run(std::path::Path::new("ip"), args).await
 }
 
 /// Makes the node's routes `want`; returns how many changed.

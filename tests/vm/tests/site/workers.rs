@@ -213,11 +213,13 @@ async fn a_worker_pool_joins_an_nspawn_and_a_pxe_booted_machine() {
         assert_eq!(
             phase.as_deref(),
             Ok("Succeeded"),
-            "{}\nits log (nspawn node only):\n{}",
+            "{}\nits log (nspawn node only):\n{}\nnspawn node routes:\n{}\nnspawn agent:\n{}",
             tenant
                 .kubectl(&["describe", "pod", &probe])
                 .unwrap_or_default(),
-            nspawn::pod_log(&node, "default", &probe)
+            nspawn::pod_log(&node, "default", &probe),
+            netns.ip(&["route"]).unwrap_or_default(),
+            node.journal("tether-agent", 30)
         );
         eprintln!(
             "{probe}: DNS, the API's Service and the web pod on {other} ({target}) answered, after {:?}",
