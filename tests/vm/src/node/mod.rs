@@ -175,3 +175,54 @@ pub async fn fill_store(site: &'static Site) -> String {
         .await
         .clone()
 }
+
+/// One GET the artifact store served, from its access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreGet {
+    /// The request path.
+    pub path: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Bytes sent.
+    pub bytes: u64,
+}
+
+/// Every GET the site's store served to `ip`, in order. Access-log lines read
+/// `<client> - - [time] "GET <path> HTTP/1.1" <status> <bytes> …`.
+pub fn store_gets(site: &Site, ip: &str) -> Vec<StoreGet> {
+    let log = std::fs::read_to_string(
+        site.dir
+            .join("standalone/management/tenants/registry/logs/registry.log"),
+    )
+    .unwrap();
+    let client = format!("{} ", ip.trim());
+    log.lines()
+        .filter(|l| l.starts_with(&client))
+        .filter_map(|l| {
+            let (_, req) = l.split_once("\"GET ")?;
+            let path = req.split_whitespace().next()?.to_string();
+            let mut after = req.split('"').nth(1)?.split_whitespace();
+            Some(StoreGet {
+                path,
+                status: after.next()?.parse().ok()?,
+                bytes: after.next().and_then(|b| b.parse().ok()).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+impl Tenant {
+    /// Node `name`'s InternalIP.
+    pub fn node_ip(&self, name: &str) -> String {
+        self.kubectl(&[
+            "get",
+            "node",
+            name,
+            "-o",
+            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#,
+        ])
+        .unwrap()
+        .trim()
+        .to_string()
+    }
+}

@@ -198,33 +198,14 @@ async fn the_agent_killed_in_every_join_step_converges() {
 
     // No binary crossed the wire in full twice: per blob, at most one answer carried all of
     // it; what a kill interrupted was resumed with Range requests (206).
-    let ip = tenant
-        .kubectl(&[
-            "get",
-            "node",
-            &name,
-            "-o",
-            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#,
-        ])
-        .unwrap();
-    let log = std::fs::read_to_string(
-        site.dir
-            .join("standalone/management/tenants/registry/logs/registry.log"),
-    )
-    .unwrap();
-    let client_prefix = format!("{} ", ip.trim());
-    let mut statuses: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for l in log.lines().filter(|l| l.starts_with(&client_prefix)) {
-        let Some((_, req)) = l.split_once("\"GET ") else {
-            continue;
-        };
-        let path = req.split_whitespace().next().unwrap_or_default();
-        if !(path.starts_with("/v2/tether/node/") && path.contains("/blobs/")) {
-            continue;
+    let mut statuses: BTreeMap<String, Vec<(u16, u64)>> = BTreeMap::new();
+    for g in node::store_gets(site, &tenant.node_ip(&name)) {
+        if g.path.starts_with("/v2/tether/node/") && g.path.contains("/blobs/") {
+            statuses
+                .entry(g.path)
+                .or_default()
+                .push((g.status, g.bytes));
         }
-        // `… HTTP/1.1" <status> <bytes> …`
-        let status = req.split('"').nth(1).unwrap_or_default().trim().to_string();
-        statuses.entry(path.to_string()).or_default().push(status);
     }
     eprintln!("store requests per blob: {statuses:#?}");
     assert_eq!(statuses.len(), tether_upstream::NODE_COMPONENTS.len());
@@ -236,8 +217,7 @@ async fn the_agent_killed_in_every_join_step_converges() {
         let size = std::fs::metadata(blobs.join(&hex[..2]).join(hex).join("data"))
             .unwrap()
             .len();
-        let whole = format!("200 {size}");
-        let complete = s.iter().filter(|x| **x == whole).count();
+        let complete = s.iter().filter(|x| **x == (200, size)).count();
         assert!(complete <= 1, "{blob} sent in full {complete} times: {s:?}");
     }
 }

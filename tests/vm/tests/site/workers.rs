@@ -651,37 +651,13 @@ fn report_bench(
         at(qphases, MachinePhase::Ready).unwrap_or_default(),
     ));
     qemu.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let ip = tenant
-        .kubectl(&[
-            "get",
-            "node",
-            qname,
-            "-o",
-            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#,
-        ])
-        .unwrap();
-    let log = std::fs::read_to_string(
-        site.dir
-            .join("standalone/management/tenants/registry/logs/registry.log"),
-    )
-    .unwrap();
-    let client = format!("{} ", ip.trim());
-    let (mut binaries, mut all) = (0u64, 0u64);
-    for l in log.lines().filter(|l| l.starts_with(&client)) {
-        let Some((_, req)) = l.split_once("\"GET ") else {
-            continue;
-        };
-        let bytes: u64 = req
-            .split('"')
-            .nth(1)
-            .and_then(|r| r.split_whitespace().nth(1))
-            .and_then(|b| b.parse().ok())
-            .unwrap_or(0);
-        all += bytes;
-        if req.starts_with("/v2/tether/node/") {
-            binaries += bytes;
-        }
-    }
+    let gets = node::store_gets(site, &tenant.node_ip(qname));
+    let all: u64 = gets.iter().map(|g| g.bytes).sum();
+    let binaries: u64 = gets
+        .iter()
+        .filter(|g| g.path.starts_with("/v2/tether/node/"))
+        .map(|g| g.bytes)
+        .sum();
     let pid = std::process::Command::new("nsenter")
         .args([
             "-t",
@@ -813,31 +789,13 @@ fn certificates_are_per_machine(tenant: &Tenant, nodes: &[&str]) {
 /// The qemu node fetched each runtime binary from the store once, by digest, and did not
 /// pull pause (the image bakes it in).
 fn downloads_came_from_the_store_once(site: &Site, tenant: &Tenant, qname: &str) {
-    let log = std::fs::read_to_string(
-        site.dir
-            .join("standalone/management/tenants/registry/logs/registry.log"),
-    )
-    .unwrap();
-    let qemu_ip = tenant
-        .kubectl(&[
-            "get",
-            "node",
-            qname,
-            "-o",
-            r#"jsonpath={.status.addresses[?(@.type=="InternalIP")].address}"#,
-        ])
-        .unwrap();
-    // Access-log lines: `<client> - - [time] "GET <path> HTTP/1.1" <status> …`.
-    let client = format!("{} ", qemu_ip.trim());
-    let mut per_blob: BTreeMap<String, usize> = BTreeMap::new();
-    for l in log.lines().filter(|l| l.starts_with(&client)) {
-        if let Some(path) = l
-            .split_once("\"GET ")
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .filter(|p| p.starts_with("/v2/tether/node/") && p.contains("/blobs/"))
-        {
-            *per_blob.entry(path.to_string()).or_default() += 1;
-        }
+    let gets = node::store_gets(site, &tenant.node_ip(qname));
+    let mut per_blob: BTreeMap<&str, usize> = BTreeMap::new();
+    for g in gets
+        .iter()
+        .filter(|g| g.path.starts_with("/v2/tether/node/") && g.path.contains("/blobs/"))
+    {
+        *per_blob.entry(g.path.as_str()).or_default() += 1;
     }
     assert_eq!(
         per_blob.len(),
@@ -849,13 +807,12 @@ fn downloads_came_from_the_store_once(site: &Site, tenant: &Tenant, qname: &str)
         "nothing fetched twice: {per_blob:?}"
     );
     assert!(
-        !log.lines()
-            .any(|l| l.starts_with(&client) && l.contains("/v2/pause/manifests/")),
+        !gets.iter().any(|g| g.path.contains("/v2/pause/manifests/")),
         "the qemu node pulled pause although the image has it"
     );
     assert!(
-        log.lines()
-            .any(|l| l.starts_with(&client) && l.contains("/v2/kube-proxy/manifests/")),
+        gets.iter()
+            .any(|g| g.path.contains("/v2/kube-proxy/manifests/")),
         "the qemu node pulled kube-proxy from the store"
     );
 }
