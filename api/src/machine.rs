@@ -20,6 +20,10 @@ pub const UUID_LABEL: &str = "tether.dev/uuid";
 pub const AGENT_REACHABLE: &str = "AgentReachable";
 /// The condition the agent sets on a failed install or join (reason and message say why).
 pub const NODE_INSTALLED: &str = "NodeInstalled";
+/// The condition the agent sets on a joined node's konnectivity tunnel: True while it holds
+/// a stream to every konnectivity-server instance (message `n/n servers`), False with the
+/// reason otherwise. Without it the API server cannot reach the node (logs, exec, webhooks).
+pub const TUNNEL_CONNECTED: &str = "TunnelConnected";
 /// The provider ID of a Machine's Node: `tether://<machine>`.
 pub fn provider_id(machine: &str) -> String {
     format!("tether://{machine}")

@@ -117,9 +117,10 @@ pub struct Join {
     pub api_server: String,
     /// The tenant cluster CA bundle (PEM).
     pub ca: String,
-    /// The tenant's konnectivity agent endpoint, `host:port`, when it has one.
+    /// The tunnel the API server reaches this node through, when the tenant runs
+    /// konnectivity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub konnectivity: Option<String>,
+    pub tunnel: Option<Tunnel>,
     /// `<id>.<secret>`, minted in the tenant for this Machine and this join (≤ 1 h); absent
     /// once the kubelet holds its client certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +147,40 @@ pub struct Join {
     /// DNS servers, when the site gives them here rather than by DHCP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
+}
+
+/// The node's konnectivity tunnel: where to connect, with what, and what the API server may
+/// dial through it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tunnel {
+    /// konnectivity-server's agent endpoint, `host:port` (TLS, certificate from the
+    /// tenant CA in [`Join::ca`]).
+    pub server: String,
+    /// A ServiceAccount token of the tenant's `kube-system/konnectivity-agent`, audience
+    /// `system:konnectivity-server`, minted for this Machine and bound to a Secret the
+    /// operator deletes when the machine leaves the tenant.
+    pub token: String,
+    /// When the token expires (RFC 3339); the operator mints the next one before.
+    pub token_expires: String,
+    /// The tenant's pod network: dials into it are allowed.
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: String,
+    /// The tenant's service network: dials into it are allowed.
+    #[serde(rename = "serviceCIDR")]
+    pub service_cidr: String,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("server", &self.server)
+            .field("token", &"<redacted>")
+            .field("token_expires", &self.token_expires)
+            .field("pod_cidr", &self.pod_cidr)
+            .field("service_cidr", &self.service_cidr)
+            .finish()
+    }
 }
 
 /// Where a node binary goes.

@@ -78,7 +78,7 @@ async fn deployment_service_and_secrets_are_accepted_with_process_args() {
             bind_address: "0.0.0.0".into(),
             advertise_address: "127.0.0.1".into(),
             secrets: names.clone(),
-            leader_elect: true,
+            replicas: spec.control_plane.replicas as u32,
         };
         let components = render::render(&inputs);
 

@@ -141,7 +141,7 @@ pub fn objects(endpoint: &str, ca_pem: &[u8]) -> Vec<Value> {
         ),
         json!({
             "apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": "konnectivity-agent", "namespace": "kube-system"},
+            "metadata": {"name": super::render::AGENT_SERVICE_ACCOUNT, "namespace": "kube-system"},
         }),
     ]
 }

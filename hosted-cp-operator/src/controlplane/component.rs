@@ -53,6 +53,16 @@ impl Program {
         }
     }
 
+    /// The command that runs the program in its [`Program::image`]: upstream's konnectivity
+    /// image holds `/proxy-server` (apiserver-network-proxy v0.36.0
+    /// `artifacts/images/server-build.Dockerfile`), not a binary named after the component.
+    pub fn image_command(self) -> &'static str {
+        match self {
+            Program::KonnectivityServer => "/proxy-server",
+            p => p.name(),
+        }
+    }
+
     /// The default container image on the `kubernetes` runtime.
     pub fn image(self, kubernetes: &str) -> String {
         let pins = tether_upstream::Pins::default();

@@ -111,8 +111,9 @@ pub struct RenderInputs<'a> {
     pub advertise_address: String,
     /// Secret names.
     pub secrets: Secrets,
-    /// Leader election (more than one replica).
-    pub leader_elect: bool,
+    /// Instances of each component running at once (leader election above one; every
+    /// konnectivity agent holds a stream to each konnectivity-server).
+    pub replicas: u32,
 }
 
 fn f(path: &str, secret: &str, key: &str) -> FileRef {
@@ -276,7 +277,7 @@ fn controller_manager(i: &RenderInputs<'_>) -> ComponentSpec {
         "--allocate-node-cidrs=true".into(),
         "--controllers=*,bootstrapsigner,tokencleaner".into(),
         "--use-service-account-credentials=true".into(),
-        format!("--leader-elect={}", i.leader_elect),
+        format!("--leader-elect={}", i.replicas > 1),
     ];
     let mut files = pki_files(
         i,
@@ -315,7 +316,7 @@ fn scheduler(i: &RenderInputs<'_>) -> ComponentSpec {
             format!("--authorization-kubeconfig={kc}"),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={}", i.ports.scheduler),
-            format!("--leader-elect={}", i.leader_elect),
+            format!("--leader-elect={}", i.replicas > 1),
         ],
         files: vec![f(kc, &i.secrets.kubeconfigs, "scheduler.conf")],
         env: BTreeMap::new(),
@@ -328,6 +329,16 @@ fn scheduler(i: &RenderInputs<'_>) -> ComponentSpec {
     }
 }
 
+/// The audience of the tokens konnectivity agents present.
+pub const AGENT_AUDIENCE: &str = "system:konnectivity-server";
+/// The ServiceAccount (in the tenant's `kube-system`) whose tokens agents present.
+pub const AGENT_SERVICE_ACCOUNT: &str = "konnectivity-agent";
+
+/// konnectivity-server: the frontend on a unix socket the apiserver shares, agents on TCP
+/// with ServiceAccount-token authentication, dials routed to the agent announcing the
+/// destination host (a kubelet) and else to any agent (pods, webhooks, aggregated APIs).
+/// `--server-count` is the number of instances behind the one agent endpoint, so each agent
+/// holds a stream to every one of them.
 fn konnectivity(i: &RenderInputs<'_>) -> ComponentSpec {
     let kc = "kubeconfigs/konnectivity-server.conf";
     let mut files = pki_files(i, &["konnectivity-server.crt", "konnectivity-server.key"]);
@@ -349,9 +360,11 @@ fn konnectivity(i: &RenderInputs<'_>) -> ComponentSpec {
             "--cluster-cert=pki/konnectivity-server.crt".into(),
             "--cluster-key=pki/konnectivity-server.key".into(),
             format!("--kubeconfig={kc}"),
-            "--authentication-audience=system:konnectivity-server".into(),
+            format!("--authentication-audience={AGENT_AUDIENCE}"),
             "--agent-namespace=kube-system".into(),
-            "--agent-service-account=konnectivity-agent".into(),
+            format!("--agent-service-account={AGENT_SERVICE_ACCOUNT}"),
+            "--proxy-strategies=destHost,default".into(),
+            format!("--server-count={}", i.replicas.max(1)),
         ],
         files,
         env: BTreeMap::new(),
@@ -428,7 +441,7 @@ mod tests {
             bind_address: "127.0.0.1".into(),
             advertise_address: "127.0.0.1".into(),
             secrets: Secrets::for_tenant("t1"),
-            leader_elect: false,
+            replicas: 1,
         }
     }
 

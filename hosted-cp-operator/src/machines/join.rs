@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use tether_api::machine::provider_id;
 use tether_api::machine_api::{
-    ContainerdSettings, Join, KubeletSettings, Mirror, NodeArtifact, PodRoute,
+    ContainerdSettings, Join, KubeletSettings, Mirror, NodeArtifact, PodRoute, Tunnel,
 };
+
+use super::tunnel_tokens::Issued;
 use tether_api::{Machine, WorkerPool};
 
 /// Label on every join Secret; its value is the Machine's name.
@@ -20,6 +22,19 @@ pub const JOIN_KEY: &str = "join.json";
 pub const POOL_KEY: &str = "pool";
 /// The join Secret's key holding the UID of the Machine it was rendered for.
 pub const MACHINE_UID_KEY: &str = "machineUid";
+/// The join Secret's key holding the UID of the anchor its tunnel token is bound to.
+pub const TUNNEL_ANCHOR_KEY: &str = "tunnelAnchorUid";
+
+/// The tunnel token a join Secret's `files` hand out, if any.
+pub fn issued_tunnel(files: &BTreeMap<String, Vec<u8>>) -> Option<Issued> {
+    let join: Join = serde_json::from_slice(files.get(JOIN_KEY)?).ok()?;
+    let tunnel = join.tunnel?;
+    Some(Issued {
+        token: tunnel.token,
+        expires: tunnel.token_expires,
+        anchor_uid: String::from_utf8(files.get(TUNNEL_ANCHOR_KEY)?.clone()).ok()?,
+    })
+}
 
 /// Whether a join Secret's `files` were rendered for `machine` as it is now: the same
 /// Machine object (a deleted and re-made namesake has another UID) claimed by the same
@@ -51,6 +66,10 @@ pub struct Tenancy {
     pub ca: String,
     /// The konnectivity agent endpoint.
     pub konnectivity: Option<String>,
+    /// The tenant's pod network.
+    pub pod_cidr: String,
+    /// The tenant's service network.
+    pub service_cidr: String,
     /// The cluster DNS service IP.
     pub cluster_dns: String,
     /// The cluster domain.
@@ -153,6 +172,7 @@ pub fn render(
     t: &Tenancy,
     artifacts: Vec<NodeArtifact>,
     token: Option<String>,
+    tunnel: Option<&Issued>,
     nodes: &[NodeView],
 ) -> Join {
     let name = machine.name_any();
@@ -173,7 +193,17 @@ pub fn render(
         tenant: t.key.clone(),
         api_server: t.api_server.clone(),
         ca: t.ca.clone(),
-        konnectivity: t.konnectivity.clone(),
+        tunnel: t
+            .konnectivity
+            .as_ref()
+            .zip(tunnel)
+            .map(|(server, issued)| Tunnel {
+                server: server.clone(),
+                token: issued.token.clone(),
+                token_expires: issued.expires.clone(),
+                pod_cidr: t.pod_cidr.clone(),
+                service_cidr: t.service_cidr.clone(),
+            }),
         bootstrap_token: token,
         kubernetes_version: t.kubernetes_version.clone(),
         node_name: name.clone(),
@@ -220,6 +250,8 @@ mod tests {
             api_server: "https://10.0.0.1:6443".into(),
             ca: "CA".into(),
             konnectivity: Some("10.0.0.1:8132".into()),
+            pod_cidr: "10.244.0.0/16".into(),
+            service_cidr: "10.96.0.0/12".into(),
             cluster_dns: "10.96.0.10".into(),
             cluster_domain: "cluster.local".into(),
             kubernetes_version: "v1.36.0".into(),
@@ -284,6 +316,11 @@ mod tests {
             &tenancy(),
             vec![],
             Some("abcdef.0123456789abcdef".into()),
+            Some(&Issued {
+                token: "jwt".into(),
+                expires: "2026-11-30T11:00:00Z".into(),
+                anchor_uid: "a1".into(),
+            }),
             &nodes,
         );
         assert_eq!(j.node_name, "m1");
@@ -309,6 +346,30 @@ mod tests {
             j.bootstrap_token.as_deref(),
             Some("abcdef.0123456789abcdef")
         );
+        let tunnel = j.tunnel.as_ref().unwrap();
+        assert_eq!(
+            (tunnel.server.as_str(), tunnel.token.as_str()),
+            ("10.0.0.1:8132", "jwt")
+        );
+        assert_eq!(
+            (tunnel.pod_cidr.as_str(), tunnel.service_cidr.as_str()),
+            ("10.244.0.0/16", "10.96.0.0/12")
+        );
+        // The token handed out is read back from the Secret, with its anchor.
+        let files: BTreeMap<String, Vec<u8>> = [
+            (JOIN_KEY.to_string(), serde_json::to_vec(&j).unwrap()),
+            (TUNNEL_ANCHOR_KEY.to_string(), b"a1".to_vec()),
+        ]
+        .into();
+        assert_eq!(
+            issued_tunnel(&files).map(|i| (i.token, i.expires, i.anchor_uid)),
+            Some(("jwt".into(), "2026-11-30T11:00:00Z".into(), "a1".into()))
+        );
+        // No konnectivity in the tenant: no tunnel, whatever the token.
+        let mut without = tenancy();
+        without.konnectivity = None;
+        let j = render(&machine, &pool, &without, vec![], None, None, &nodes);
+        assert!(j.tunnel.is_none());
     }
 
     #[test]

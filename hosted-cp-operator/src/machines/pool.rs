@@ -34,6 +34,7 @@ use super::csr::{self, Known};
 use super::join::{self, NodeView, Tenancy};
 use super::release;
 use super::store::Store;
+use super::tunnel_tokens;
 use crate::error::Error;
 use crate::kube::{
     Files, apply_secret, client_from_kubeconfig, condition, merge_conditions, patch_status,
@@ -311,6 +312,8 @@ async fn tenancy(r: &Resolved, ctx: &Context) -> Result<Tenancy, Error> {
             .ok_or(Error::NotYet("the tenant's endpoint"))?,
         ca: String::from_utf8_lossy(ca).into_owned(),
         konnectivity: status.konnectivity_endpoint.clone(),
+        pod_cidr: np.pod_cidr.clone(),
+        service_cidr: np.service_cidr.clone(),
         cluster_dns: crate::controlplane::addons::dns_ip(&r.tcp.spec)
             .ok_or_else(|| Error::Invalid("the tenant has no DNS service IP".into()))?,
         cluster_domain: np.cluster_domain.clone(),
@@ -366,11 +369,30 @@ async fn ensure_join(
         bootstrap_tokens::delete(tenant, minted, &name).await?;
         None
     };
-    let join = join::render(m, pool, tenancy, artifacts.to_vec(), token, nodes);
-    let bytes = serde_json::to_vec_pretty(&join).expect("a join serializes");
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let secret = join::secret_name(&name);
-    let files = Files::from([
+    let current = read_secret(&secrets, &secret).await?;
+    let tunnel = match &tenancy.konnectivity {
+        None => None,
+        Some(_) => {
+            let anchor = tunnel_tokens::anchor(tenant, &name).await?;
+            Some(match join::issued_tunnel(&current) {
+                Some(t) if t.reusable(&anchor, now) => t,
+                _ => tunnel_tokens::mint(tenant, &name, &anchor).await?,
+            })
+        }
+    };
+    let join = join::render(
+        m,
+        pool,
+        tenancy,
+        artifacts.to_vec(),
+        token,
+        tunnel.as_ref(),
+        nodes,
+    );
+    let bytes = serde_json::to_vec_pretty(&join).expect("a join serializes");
+    let mut files = Files::from([
         (join::JOIN_KEY.to_string(), bytes),
         (
             join::POOL_KEY.to_string(),
@@ -381,7 +403,13 @@ async fn ensure_join(
             m.metadata.uid.clone().unwrap_or_default().into_bytes(),
         ),
     ]);
-    if read_secret(&secrets, &secret).await? != files {
+    if let Some(t) = &tunnel {
+        files.insert(
+            join::TUNNEL_ANCHOR_KEY.to_string(),
+            t.anchor_uid.clone().into_bytes(),
+        );
+    }
+    if current != files {
         let labels = [(join::JOIN_LABEL.to_string(), name.clone())].into();
         // Owned by the Machine: deleting it takes its join along.
         let owner = m.controller_owner_ref(&()).map(|mut o| {

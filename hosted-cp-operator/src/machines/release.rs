@@ -20,6 +20,7 @@ use tether_api::{Machine, MachinePhase};
 use super::bootstrap_tokens::{self, Minted};
 use super::claim::{RELEASE_ANNOTATION, STAGE_DRAIN};
 use super::join;
+use super::tunnel_tokens;
 use crate::error::Error;
 use crate::machine_api::inventory::{Inventory, Written};
 
@@ -85,6 +86,7 @@ pub async fn step(
             return Ok(());
         }
         bootstrap_tokens::delete(tenant, minted, &name).await?;
+        tunnel_tokens::revoke(tenant, &name).await?;
         return stop(inventory, mgmt, namespace, m).await;
     }
     if !wiped(m) {

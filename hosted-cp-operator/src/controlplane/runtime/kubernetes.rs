@@ -189,7 +189,7 @@ pub fn manifests(
             json!({
                 "name": name,
                 "image": images.get(name).cloned().unwrap_or_else(|| c.program.image(&c.version)),
-                "command": [name],
+                "command": [c.program.image_command()],
                 "args": c.args,
                 "workingDir": WORKDIR,
                 "env": env,
@@ -270,7 +270,7 @@ mod tests {
             bind_address: "0.0.0.0".into(),
             advertise_address: "127.0.0.1".into(),
             secrets: Secrets::for_tenant("t"),
-            leader_elect: true,
+            replicas: 2,
         });
         let (d, s) = manifests("t", "ns", &spec, &comps, &BTreeMap::new());
         let containers = d["spec"]["template"]["spec"]["containers"]
@@ -281,6 +281,23 @@ mod tests {
             assert_eq!(c["args"], json!(spec.args));
             assert_eq!(c["image"], json!(spec.program.image("v1.36.3")));
         }
+        let konnectivity = containers
+            .iter()
+            .find(|c| c["name"] == "konnectivity-server")
+            .unwrap();
+        assert_eq!(konnectivity["command"], json!(["/proxy-server"]));
+        assert!(
+            konnectivity["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("--server-count=2")),
+            "every agent holds a stream to each of the 2 instances"
+        );
+        let apiserver = containers
+            .iter()
+            .find(|c| c["name"] == "kube-apiserver")
+            .unwrap();
+        assert_eq!(apiserver["command"], json!(["kube-apiserver"]));
         assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
         assert_eq!(s["spec"]["ports"][0]["port"], 6443);
         let vols = d["spec"]["template"]["spec"]["volumes"].as_array().unwrap();

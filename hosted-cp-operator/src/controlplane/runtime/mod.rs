@@ -41,8 +41,8 @@ pub struct Placement {
     pub host: String,
     /// The IP the API server advertises (`--advertise-address`).
     pub advertise_address: String,
-    /// Leader election for controller-manager and scheduler (more than one replica).
-    pub leader_elect: bool,
+    /// Instances of the control plane running at once (the process runtime runs one).
+    pub replicas: u32,
     /// How long a reconcile waits for `/readyz` before requeueing.
     pub readyz_wait: Duration,
 }
@@ -118,7 +118,7 @@ impl Runtime {
                     bind_address,
                     advertise_address: advertise_ip(&host),
                     host,
-                    leader_elect: false,
+                    replicas: 1,
                     readyz_wait: Duration::from_secs(60),
                 })
             }
@@ -147,7 +147,7 @@ impl Runtime {
                     bind_address: "0.0.0.0".into(),
                     advertise_address: advertise_ip("0.0.0.0"),
                     host,
-                    leader_elect: spec.control_plane.replicas > 1,
+                    replicas: spec.control_plane.replicas.max(1) as u32,
                     // Pods take their time; check briefly and requeue instead of blocking.
                     readyz_wait: Duration::from_secs(2),
                 })

@@ -78,7 +78,7 @@ fn components(s: &State<'_>) -> Result<Vec<ComponentSpec>, Error> {
         bind_address: placement.bind_address.clone(),
         advertise_address: placement.advertise_address.clone(),
         secrets: s.t.names(),
-        leader_elect: placement.leader_elect,
+        replicas: placement.replicas,
     }))
 }
 
