@@ -116,6 +116,14 @@ pub enum Error {
         /// Its exit status and error output.
         detail: String,
     },
+    /// A konnectivity tunnel stream could not be set up or broke.
+    #[error("konnectivity server {server}: {detail}")]
+    Tunnel {
+        /// The server address (`host:port`) dialed.
+        server: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// Keys, CSRs or certificates.
     #[error("{what}: {detail}")]
     Crypto {
@@ -146,6 +154,7 @@ impl Error {
         match self {
             Error::Unreachable { .. }
             | Error::Timeout { .. }
+            | Error::Tunnel { .. }
             | Error::Untrusted { .. }
             | Error::Download { .. } => true,
             Error::Refused { error, .. } => error.reason.retriable(),

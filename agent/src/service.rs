@@ -22,6 +22,7 @@ use crate::identity::{self, Enrolled, Identity, StateDir};
 use crate::node::install::{Converged, Installer, Progress};
 use crate::node::{Layout, plan};
 use crate::notify::Notifier;
+use crate::tunnel;
 
 /// Longest a config long-poll waits on the server.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -58,6 +59,21 @@ fn nanos() -> u32 {
 struct NodeLink {
     join: watch::Sender<Option<Option<Join>>>,
     progress: watch::Receiver<Progress>,
+    /// The tunnel the join asks for, and what it holds.
+    tunnel: watch::Sender<Option<tunnel::Settings>>,
+    tunnel_status: watch::Receiver<tunnel::Status>,
+    drain: watch::Sender<bool>,
+}
+
+/// On SIGTERM: tell every konnectivity-server this agent is going (DRAIN), so dials go to
+/// other agents, and wait briefly for the packets to leave.
+async fn drain(link: &NodeLink) {
+    if link.tunnel_status.borrow().servers.is_empty() {
+        return;
+    }
+    let _ = link.drain.send(true);
+    let mut status = link.tunnel_status.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(2), status.wait_for(|s| s.draining)).await;
 }
 
 /// Why the enrolled loop returned.
@@ -75,18 +91,23 @@ impl Service {
         tracing::info!("ready: READY=1 sent to systemd");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(Error::io("install", "SIGTERM handler"))?;
+        let link = self.start_node_task();
         tokio::select! {
-            r = self.main_loop() => r,
-            _ = term.recv() => { self.notify.stopping(); tracing::info!("SIGTERM: stopping"); Ok(()) }
-            _ = tokio::signal::ctrl_c() => { self.notify.stopping(); Ok(()) }
+            r = self.main_loop(&link) => r,
+            _ = term.recv() => {
+                self.notify.stopping();
+                tracing::info!("SIGTERM: stopping");
+                drain(&link).await;
+                Ok(())
+            }
+            _ = tokio::signal::ctrl_c() => { self.notify.stopping(); drain(&link).await; Ok(()) }
         }
     }
 
-    async fn main_loop(&self) -> Result<()> {
-        let link = self.start_node_task();
+    async fn main_loop(&self, link: &NodeLink) -> Result<()> {
         loop {
             let id = self.enrolled_identity().await;
-            match self.serve(id, &link).await {
+            match self.serve(id, link).await {
                 Exit::Revoked(why) => {
                     tracing::warn!(
                         "the machine API no longer accepts this machine's certificate ({why}); enrolling again"
@@ -149,12 +170,24 @@ impl Service {
         let (join, join_rx) = watch::channel(None);
         let root = self.root.clone();
         tokio::spawn(node_loop(root, join_rx, progress_tx));
-        NodeLink { join, progress }
+        let (tunnel, tunnel_rx) = watch::channel(None);
+        let (status_tx, tunnel_status) = watch::channel(tunnel::Status::default());
+        let (drain, drain_rx) = watch::channel(false);
+        tokio::spawn(tunnel::run(tunnel_rx, status_tx, drain_rx));
+        NodeLink {
+            join,
+            progress,
+            tunnel,
+            tunnel_status,
+            drain,
+        }
     }
 
     /// The enrolled loop: long-poll, report, renew.
     async fn serve(&self, mut id: Identity, link: &NodeLink) -> Exit {
         let mut progress = link.progress.clone();
+        let mut tunnel_status = link.tunnel_status.clone();
+        let mut tunnel_reported = None;
         let machine = id.enrolled.machine.clone();
         let mut api = match MachineApi::mutual(&id.enrolled.api, &id) {
             Ok(a) => a,
@@ -191,6 +224,12 @@ impl Service {
                                 *j = new;
                                 changed
                             });
+                            link.tunnel.send_if_modified(|t| {
+                                let new = config.join.as_ref().and_then(tunnel::desired::settings);
+                                let changed = *t != new;
+                                *t = new;
+                                changed
+                            });
                             report_every = Duration::from_secs(config.report_seconds.max(1).into());
                             self.notify.beat();
                             poll = Box::pin(poll_config(api.clone(), machine.clone(), version.clone(), Duration::ZERO));
@@ -209,9 +248,18 @@ impl Service {
                     // Report a step of the node now, not at the next interval.
                     report_at = tokio::time::Instant::now();
                 }
+                Ok(()) = tunnel_status.changed() => {
+                    // Report the tunnel going up or down now; its error text waits.
+                    let c = tunnel::desired::condition(link.tunnel.borrow().is_some(), &tunnel_status.borrow_and_update());
+                    let now = Some((c.status, c.reason));
+                    if now != tunnel_reported {
+                        tunnel_reported = now;
+                        report_at = tokio::time::Instant::now();
+                    }
+                }
                 _ = tokio::time::sleep_until(report_at) => {
                     self.notify.beat();
-                    let report = self.report(&progress.borrow_and_update());
+                    let report = self.report(&progress.borrow_and_update(), link);
                     match api.status(&machine, &report).await {
                         Ok(_) => {}
                         Err(e) => {
@@ -243,7 +291,12 @@ impl Service {
         }
     }
 
-    fn report(&self, p: &Progress) -> StatusReport {
+    fn report(&self, p: &Progress, link: &NodeLink) -> StatusReport {
+        let mut conditions: Vec<_> = p.condition.iter().cloned().collect();
+        conditions.push(tunnel::desired::condition(
+            link.tunnel.borrow().is_some(),
+            &link.tunnel_status.borrow(),
+        ));
         StatusReport {
             phase: p.phase,
             tenant: p.tenant.clone(),
@@ -254,7 +307,7 @@ impl Service {
                 .ok()
                 .and_then(|b| b.slot)
                 .map(|s| s.to_string()),
-            conditions: p.condition.iter().cloned().collect(),
+            conditions,
         }
     }
 

@@ -32,6 +32,9 @@ pub fn taint(s: &str) -> Option<serde_json::Value> {
         .then(|| json!({"key": key, "value": value, "effect": effect}))
 }
 
+/// The port the kubelet serves its API on: the only port of the node the tunnel dials.
+pub const PORT: u16 = 10250;
+
 /// `config.yaml` in the kubelet directory.
 pub fn config(o: &Options) -> String {
     let ca = format!("{}/pki/ca.crt", o.layout.kubernetes_dir);
@@ -47,6 +50,7 @@ pub fn config(o: &Options) -> String {
         "cgroupDriver": "systemd",
         "clusterDNS": [o.cluster_dns],
         "clusterDomain": o.cluster_domain,
+        "port": PORT,
         "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
         "rotateCertificates": true,
         "serverTLSBootstrap": true,
