@@ -9,11 +9,14 @@ mod image;
 mod join;
 mod pxe;
 mod store;
+mod tunnel;
 
 use crate::error::Error;
 
 /// The benchmark areas, for `--help` and error messages.
-pub const AREAS: &[&str] = &["cp", "deps", "enroll", "image", "join", "pxe", "store"];
+pub const AREAS: &[&str] = &[
+    "cp", "deps", "enroll", "image", "join", "pxe", "store", "tunnel",
+];
 
 /// Runs the benchmark `area`.
 pub fn run(area: &str, cold: bool) -> Result<(), Error> {
@@ -23,6 +26,7 @@ pub fn run(area: &str, cold: bool) -> Result<(), Error> {
         "enroll" => enroll::run(),
         "image" => image::run(cold),
         "join" => join::run(),
+        "tunnel" => tunnel::run(),
         "pxe" => pxe::run(),
         "store" => store::run(),
         other => Err(Error::Usage(format!(

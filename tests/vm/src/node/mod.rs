@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tether_upstream::Pins;
 
 pub mod nspawn;
+pub mod tunnel;
 
 use crate::site::Site;
 
@@ -225,4 +226,39 @@ impl Tenant {
         .trim()
         .to_string()
     }
+}
+
+/// Waits until Machine `name` satisfies `ok` (the last state on timeout).
+pub async fn wait_machine(
+    client: &kube::Client,
+    name: &str,
+    timeout: Duration,
+    ok: impl Fn(&tether_api::Machine) -> bool,
+) -> Result<(), String> {
+    let api: kube::Api<tether_api::Machine> = kube::Api::all(client.clone());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = api.get_opt(name).await;
+        if let Ok(Some(m)) = &m
+            && ok(m)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "Machine {name} after {timeout:?}: {:?}",
+                m.map(|m| m.map(|m| (m.spec, m.status)))
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Whether Machine `m` has condition `type_` with status `status`.
+pub fn has_condition(m: &tether_api::Machine, type_: &str, status: &str) -> bool {
+    m.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == status)
+    })
 }

@@ -40,8 +40,8 @@ pub async fn boot_kubernetes_node(
     .expect("boot the image under systemd-nspawn as a Kubernetes node")
 }
 
-/// The container logs of pod `ns/name` as the node keeps them (`kubectl logs` needs the
-/// konnectivity tunnel, which nodes do not run yet).
+/// The container logs of pod `ns/name` as the node keeps them: what a test reads when the
+/// tunnel is not the point (`kubectl logs` goes through it; tunnel.rs tests that).
 pub fn pod_log(node: &Container, ns: &str, name: &str) -> String {
     let pods = node.path("/var/log/pods");
     let Ok(dirs) = std::fs::read_dir(&pods) else {

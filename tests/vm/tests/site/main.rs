@@ -5,4 +5,5 @@
 mod enroll;
 mod join_kills;
 mod node_artifacts;
+mod tunnel;
 mod workers;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kube::api::Api;
 use tether_api::{Machine, MachinePhase};
 use tether_upstream::Pins;
-use tether_vm_tests::node::{self, Tenant, nspawn};
+use tether_vm_tests::node::{self, Tenant, nspawn, wait_machine};
 use tether_vm_tests::site::{Site, site};
 
 const READY: &str = r#"{.status.conditions[?(@.type=="Ready")].status}"#;
@@ -815,32 +815,6 @@ fn downloads_came_from_the_store_once(site: &Site, tenant: &Tenant, qname: &str)
             .any(|g| g.path.contains("/v2/kube-proxy/manifests/")),
         "the qemu node pulled kube-proxy from the store"
     );
-}
-
-/// Waits until Machine `name` satisfies `ok`.
-async fn wait_machine(
-    client: &kube::Client,
-    name: &str,
-    timeout: Duration,
-    ok: impl Fn(&Machine) -> bool,
-) -> Result<(), String> {
-    let api: Api<Machine> = Api::all(client.clone());
-    let deadline = Instant::now() + timeout;
-    loop {
-        let m = api.get_opt(name).await;
-        if let Ok(Some(m)) = &m
-            && ok(m)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "Machine {name} after {timeout:?}: {:?}",
-                m.map(|m| m.map(|m| (m.spec, m.status)))
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 /// A released node holds nothing of its tenant: no kubelet or containerd state, no
