@@ -36,6 +36,9 @@ pub enum ContainerImage {
     KubeProxy,
     /// A shell and an HTTP server, for tests.
     TestShell,
+    /// Tests' admission webhook: Debian's socat terminating TLS in front of a bash
+    /// AdmissionReview handler (`test_webhook.sh`), at `/hook.sh`.
+    TestWebhook,
 }
 
 /// The test image's registry: mirrored to the store like `registry.k8s.io`.
@@ -46,11 +49,12 @@ const KUBE_PROXY_PACKAGES: &[&str] = &["iptables", "conntrack", "nftables"];
 
 impl ContainerImage {
     /// Every image, in build order.
-    pub const ALL: [ContainerImage; 4] = [
+    pub const ALL: [ContainerImage; 5] = [
         ContainerImage::Pause,
         ContainerImage::Coredns,
         ContainerImage::KubeProxy,
         ContainerImage::TestShell,
+        ContainerImage::TestWebhook,
     ];
 
     /// The full name nodes use.
@@ -64,6 +68,7 @@ impl ContainerImage {
                 format!("registry.k8s.io/kube-proxy:{}", pins.kubernetes)
             }
             ContainerImage::TestShell => format!("{TEST_REGISTRY}/shell:1"),
+            ContainerImage::TestWebhook => format!("{TEST_REGISTRY}/webhook:1"),
         }
     }
 
@@ -80,6 +85,7 @@ impl ContainerImage {
             ContainerImage::Coredns => ("/coredns", "65532:65532"),
             ContainerImage::KubeProxy => ("/usr/local/bin/kube-proxy", "0:0"),
             ContainerImage::TestShell => ("/bin/sh", "0:0"),
+            ContainerImage::TestWebhook => ("/bin/sh", "0:0"),
         }
     }
 }
@@ -225,6 +231,13 @@ fn layers(image: ContainerImage, pins: &Pins, work: &Path) -> Result<Vec<PathBuf
                     .map_err(Error::io("link", bin.join(applet)))?;
             }
         }
+        ContainerImage::TestWebhook => {
+            layers.push(debian_layer(&["socat"])?);
+            let hook = root.join("hook.sh");
+            fs::write(&hook, include_str!("test_webhook.sh")).map_err(Error::io("write", &hook))?;
+            fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(Error::io("chmod", &hook))?;
+        }
     }
     let tar = dir.join("layer.tar");
     tar_tree(&root, &tar)?;
@@ -350,6 +363,11 @@ mod tests {
                 ContainerImage::TestShell,
                 "test.tether.dev/shell:1",
                 "shell:1",
+            ),
+            (
+                ContainerImage::TestWebhook,
+                "test.tether.dev/webhook:1",
+                "webhook:1",
             ),
         ];
         for (image, reference, path) in cases {

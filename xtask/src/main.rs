@@ -47,7 +47,7 @@ enum Command {
     },
     /// Run a benchmark area and print its figures.
     Bench {
-        /// The area: cp, deps, enroll, image or pxe.
+        /// The area: cp, deps, enroll, image, join, pxe, store or tunnel.
         area: String,
         /// For `deps`: also measure a cold build (fresh Go build cache and binary cache).
         #[arg(long)]

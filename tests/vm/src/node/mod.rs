@@ -69,6 +69,14 @@ impl Tenant {
         }
     }
 
+    /// A client for the tenant as its admin (made on the caller's runtime).
+    pub async fn client(&self) -> kube::Client {
+        let kc = std::fs::read_to_string(&self.admin).unwrap();
+        tether_operator::kube::client_from_kubeconfig(&kc)
+            .await
+            .unwrap()
+    }
+
     /// kubectl against the tenant.
     pub fn kubectl(&self, args: &[&str]) -> Result<String, String> {
         crate::site::kubectl(&self.admin, args)

@@ -384,8 +384,8 @@ fn find(dir: &Path, suffix: &str, depth: u32) -> Option<PathBuf> {
         .find_map(|e| find(&e.path(), suffix, depth - 1))
 }
 
-/// Latencies of `total` GETs of `/small` on pod `pod` through the API server's pod proxy
-/// (each one a dial through the tunnel), `concurrency` at a time: (p50, p99) in ms.
+/// Latencies of `total` GETs of `/small` on pod `pod` through the tenant API server's pod
+/// proxy (each one a dial through the tunnel), `concurrency` at a time: (p50, p99) in ms.
 pub async fn proxy_latency(
     client: &kube::Client,
     pod: &str,
@@ -444,4 +444,100 @@ pub fn pid_in(netns: &NetNs, comm: &str) -> Option<u32> {
         let inode = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?.ino();
         (name.trim() == comm && inode == ns).then_some(pid)
     })
+}
+
+/// An admission webhook served by a pod on node `node` (the test webhook image: socat's TLS
+/// in front of a bash handler that denies objects named `deny-*`), behind Service `hook`,
+/// registered for ConfigMaps created in namespace `hooked`. The API server calls it at the
+/// Service's ClusterIP, through the tunnel. Returns once the pod is ready.
+pub fn deploy_webhook(site: &Site, tenant: &Tenant, node: &str) {
+    use base64::Engine;
+    use tether_operator::x509;
+    let now = time::OffsetDateTime::now_utc();
+    let (ca, ca_key) = x509::new_ca("tether test webhook CA", now).unwrap();
+    let dns = ["hook.default.svc".to_string()];
+    let (crt, key) = x509::issue_with(
+        ca.as_bytes(),
+        ca_key.as_bytes(),
+        &x509::LeafSpec::server("hook", &dns, &[]),
+        now,
+    )
+    .unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let image = tether_image::containers::ContainerImage::TestWebhook.reference(&Pins::default());
+    let file = site.dir.join("hook.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: hook-tls, namespace: default}}\n\
+             data: {{tls.crt: {crt}, tls.key: {key}}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: hook, namespace: default, labels: {{app: hook}}}}\n\
+             spec:\n  nodeName: {node}\n  volumes: [{{name: tls, secret: {{secretName: hook-tls}}}}]\n\
+             \x20 containers:\n  - name: hook\n    image: {image}\n\
+             \x20   command: [socat, 'OPENSSL-LISTEN:8443,fork,reuseaddr,cert=/tls/tls.crt,key=/tls/tls.key,verify=0', 'EXEC:/hook.sh']\n\
+             \x20   volumeMounts: [{{name: tls, mountPath: /tls}}]\n\
+             \x20   readinessProbe: {{tcpSocket: {{port: 8443}}, periodSeconds: 1}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: hook, namespace: default}}\n\
+             spec: {{selector: {{app: hook}}, ports: [{{port: 443, targetPort: 8443}}]}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {{name: hooked, labels: {{tether.dev/test: hooked}}}}\n---\n\
+             apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingWebhookConfiguration\n\
+             metadata: {{name: hook}}\nwebhooks:\n- name: hook.tether.dev\n\
+             \x20 clientConfig: {{service: {{namespace: default, name: hook, path: /validate, port: 443}}, caBundle: {ca}}}\n\
+             \x20 rules: [{{operations: [CREATE], apiGroups: [\"\"], apiVersions: [v1], resources: [configmaps]}}]\n\
+             \x20 namespaceSelector: {{matchLabels: {{tether.dev/test: hooked}}}}\n\
+             \x20 failurePolicy: Fail\n  sideEffects: None\n  admissionReviewVersions: [v1]\n  timeoutSeconds: 10\n",
+            crt = b64(&crt),
+            key = b64(&key),
+            ca = b64(&ca),
+        ),
+    )
+    .unwrap();
+    tenant
+        .kubectl(&["apply", "-f", &file.display().to_string()])
+        .unwrap();
+    tenant
+        .kubectl(&[
+            "wait",
+            "pod/hook",
+            "--for=condition=Ready",
+            "--timeout=180s",
+        ])
+        .unwrap_or_else(|e| {
+            panic!(
+                "webhook pod not ready: {e}\n{}",
+                tenant
+                    .kubectl(&["describe", "pod", "hook"])
+                    .unwrap_or_default()
+            )
+        });
+}
+
+/// The webhook of [`deploy_webhook`] decides: a ConfigMap named `deny-*` in `hooked` is
+/// refused with its message, another is created, and the pod logged both calls.
+pub fn check_webhook(tenant: &Tenant) {
+    // The API server picks up a new webhook configuration within a moment: until it
+    // does, a deny-* ConfigMap is created, and is deleted again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refusal = loop {
+        match tenant.kubectl(&["create", "configmap", "deny-me", "-n", "hooked"]) {
+            Err(e) if e.contains("denied by the tether test webhook") => break e,
+            Err(e) => assert!(Instant::now() < deadline, "the webhook did not decide: {e}"),
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the webhook was never called");
+                tenant
+                    .kubectl(&["delete", "configmap", "deny-me", "-n", "hooked"])
+                    .unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    tenant
+        .kubectl(&["create", "configmap", "allow-me", "-n", "hooked"])
+        .unwrap_or_else(|e| panic!("the webhook should allow allow-me: {e}"));
+    let log = tenant.kubectl(&["logs", "hook"]).unwrap();
+    assert!(
+        log.contains("allowed=false") && log.contains("allowed=true"),
+        "the webhook pod logged both calls: {log}"
+    );
+    eprintln!("tunnel: webhook through the tunnel: {}", refusal.trim());
 }

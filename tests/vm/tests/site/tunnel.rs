@@ -1,11 +1,12 @@
 //! The konnectivity tunnel (issue 11), on the shared site: a node that reaches its tenant's
-//! API and konnectivity ports but accepts no inbound connection — proven: the kubelet port
-//! answers from the API server's side until the node's firewall goes up, then it does not —
-//! still gets `kubectl logs`, `exec -i`, `port-forward` (100 MiB, checksummed), `attach -i`
+//! API and konnectivity ports but accepts no inbound connection — proven: its kubelet port
+//! does not answer from the API server's side, and does once the firewall is taken down at
+//! the end — still gets `kubectl logs`, `exec -i`, `port-forward` (100 MiB, checksummed), `attach -i`
 //! and the API server's pod proxy, through tether-agent's tunnel; the same checks pass with
 //! the upstream Go `konnectivity-agent` (the reference) on the same server; a dial to an
-//! address outside the tenant is refused; killing konnectivity-server, the agent reconnects
-//! and logs work again.
+//! address outside the tenant is refused; an admission webhook served by a pod on the node
+//! decides through the tunnel; killing konnectivity-server, the agent reconnects and logs
+//! work again.
 
 use std::time::{Duration, Instant};
 
@@ -146,6 +147,12 @@ async fn the_api_server_reaches_a_node_that_accepts_no_connection_through_the_tu
     // refused by the agent, not made.
     tokio::task::block_in_place(|| refused_outside(site, tenant, node));
 
+    // An admission webhook in a pod on the node, called at its Service's ClusterIP.
+    tokio::task::block_in_place(|| {
+        tunnel::deploy_webhook(site, tenant, name);
+        or_diag(|| tunnel::check_webhook(tenant), diag);
+    });
+
     // konnectivity-server killed: the agent reconnects and logs work again.
     let pidfile = tunnel::konnectivity_pidfile(site, tenant);
     let pid: i32 = std::fs::read_to_string(&pidfile)
@@ -278,6 +285,7 @@ async fn measure(f: &Firewalled, agent: &str, pid: u32) {
         })
     };
     let idle = tunnel::rss_kib(pid);
+    let tenant = f.tenant.client().await;
     let mut rates = Vec::new();
     for _ in 0..3 {
         let (_, bytes, secs) =
@@ -287,7 +295,7 @@ async fn measure(f: &Firewalled, agent: &str, pid: u32) {
     rates.sort_by(f64::total_cmp);
     let mut latency = Vec::new();
     for (streams, total) in [(1usize, 200usize), (64, 1280)] {
-        let (p50, p99) = tunnel::proxy_latency(&f.client, "bench", streams, total).await;
+        let (p50, p99) = tunnel::proxy_latency(&tenant, "bench", streams, total).await;
         latency.push(serde_json::json!({"streams": streams, "requests": total, "p50_ms": p50, "p99_ms": p99}));
     }
     sampling.abort();
