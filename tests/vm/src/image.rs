@@ -20,19 +20,30 @@ pub fn workspace() -> PathBuf {
 /// Builds `bin` of `package` into the calling test's own target directory (so a test run
 /// never reads a stale binary from elsewhere) and returns its path.
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    build_binary(package, bin, false)
+}
+
+/// [`workspace_binary`], optimised when `release` (into `target/release`).
+fn build_binary(package: &str, bin: &str, release: bool) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
     // target/<profile>/deps/<test> → target/<profile>
-    let profile_dir = exe
+    let test_profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target profile dir")
         .to_path_buf();
-    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let target_dir = test_profile_dir.parent().expect("target dir").to_path_buf();
+    let profile_dir = if release {
+        target_dir.join("release")
+    } else {
+        test_profile_dir
+    };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace())
         .args(["build", "-q", "-p", package, "--bin", bin, "--target-dir"])
         .arg(&target_dir)
+        .args(release.then_some("--release"))
         .status()
         .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
     assert!(status.success(), "cargo build -p {package}");
@@ -45,9 +56,14 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     path
 }
 
-/// The tether-agent binary.
+/// Set to `1` to put an optimised tether-agent in the image: benchmarks compare it with
+/// upstream's optimised Go binaries (`cargo xtask bench tunnel` sets it).
+pub const RELEASE_AGENT_ENV: &str = "TETHER_TEST_RELEASE_AGENT";
+
+/// The tether-agent binary (optimised with [`RELEASE_AGENT_ENV`]).
 pub fn agent_binary() -> PathBuf {
-    workspace_binary("tether-agent", "tether-agent")
+    let release = std::env::var(RELEASE_AGENT_ENV).is_ok_and(|v| v == "1");
+    build_binary("tether-agent", "tether-agent", release)
 }
 
 /// A built image.

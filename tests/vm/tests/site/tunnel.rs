@@ -5,8 +5,8 @@
 //! and the API server's pod proxy, through tether-agent's tunnel; the same checks pass with
 //! the upstream Go `konnectivity-agent` (the reference) on the same server; a dial to an
 //! address outside the tenant is refused; an admission webhook served by a pod on the node
-//! decides through the tunnel; killing konnectivity-server, the agent reconnects and logs
-//! work again.
+//! decides through the tunnel; a token near its expiry is replaced by the operator; killing
+//! konnectivity-server, the agent reconnects (with the new token) and logs work again.
 
 use std::time::{Duration, Instant};
 
@@ -153,6 +153,9 @@ async fn the_api_server_reaches_a_node_that_accepts_no_connection_through_the_tu
         or_diag(|| tunnel::check_webhook(tenant), diag);
     });
 
+    // A token nearing its expiry is replaced: the next connect below uses the new one.
+    renew_soon(&f.client, name).await;
+
     // konnectivity-server killed: the agent reconnects and logs work again.
     let pidfile = tunnel::konnectivity_pidfile(site, tenant);
     let pid: i32 = std::fs::read_to_string(&pidfile)
@@ -177,6 +180,62 @@ async fn the_api_server_reaches_a_node_that_accepts_no_connection_through_the_tu
     assert!(
         tunnel::reachable(&format!("{ip}:10250")),
         "the kubelet answers once the firewall is down"
+    );
+}
+
+/// The tunnel token in Machine `machine`'s join Secret.
+async fn tunnel_token(client: &kube::Client, machine: &str) -> String {
+    let join = join_of(client, machine).await;
+    join["tunnel"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn join_of(client: &kube::Client, machine: &str) -> serde_json::Value {
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), "tether-system");
+    let s = secrets
+        .get(&format!("tether-join-{machine}"))
+        .await
+        .unwrap();
+    serde_json::from_slice(&s.data.unwrap()["join.json"].0).unwrap()
+}
+
+/// Makes Machine `machine`'s tunnel token look ten minutes from expiry (as if it had lived
+/// fifty) and waits until the operator has put a new one in its join.
+async fn renew_soon(client: &kube::Client, machine: &str) {
+    use base64::Engine;
+    let mut join = join_of(client, machine).await;
+    let old = join["tunnel"]["token"].as_str().unwrap().to_string();
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::minutes(10);
+    join["tunnel"]["tokenExpires"] = serde_json::json!(
+        soon.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client.clone(), "tether-system");
+    let patch = serde_json::json!({"data": {"join.json":
+        base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&join).unwrap())}});
+    secrets
+        .patch(
+            &format!("tether-join-{machine}"),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while tunnel_token(client, machine).await == old {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the operator did not renew a token ten minutes from expiry"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "tunnel: token renewed {:.1} s after it came within 30 min of expiry",
+        started.elapsed().as_secs_f64()
     );
 }
 
