@@ -65,15 +65,31 @@ struct NodeLink {
     drain: watch::Sender<bool>,
 }
 
-/// On SIGTERM: tell every konnectivity-server this agent is going (DRAIN), so dials go to
-/// other agents, and wait briefly for the packets to leave.
+/// How long a stopping agent keeps serving the tunnel's open connections (`kubectl exec`,
+/// `logs -f`) after telling the servers it is going; within the unit's `TimeoutStopSec`.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// On SIGTERM: tell every konnectivity-server this agent is going (one `DRAIN` per stream),
+/// so new dials go to other agents, and keep serving what is open until it finishes or
+/// [`DRAIN_GRACE`] ends — upstream's agent serves on after `DRAIN` until it is killed.
 async fn drain(link: &NodeLink) {
     if link.tunnel_status.borrow().servers.is_empty() {
         return;
     }
     let _ = link.drain.send(true);
     let mut status = link.tunnel_status.clone();
-    let _ = tokio::time::timeout(Duration::from_secs(2), status.wait_for(|s| s.draining)).await;
+    let done = tokio::time::timeout(
+        DRAIN_GRACE,
+        status.wait_for(|s| s.draining && s.drained >= s.servers.len() && s.open_connections == 0),
+    )
+    .await;
+    let s = link.tunnel_status.borrow();
+    tracing::info!(
+        drained = s.drained,
+        open = s.open_connections,
+        within_grace = done.is_ok(),
+        "tunnel: drained"
+    );
 }
 
 /// Why the enrolled loop returned.
@@ -250,7 +266,7 @@ impl Service {
                 }
                 Ok(()) = tunnel_status.changed() => {
                     // Report the tunnel going up or down now; its error text waits.
-                    let c = tunnel::desired::condition(link.tunnel.borrow().is_some(), &tunnel_status.borrow_and_update());
+                    let c = tunnel::desired::condition(link.tunnel.borrow().as_ref(), &tunnel_status.borrow_and_update());
                     let now = Some((c.status, c.reason));
                     if now != tunnel_reported {
                         tunnel_reported = now;
@@ -294,7 +310,7 @@ impl Service {
     fn report(&self, p: &Progress, link: &NodeLink) -> StatusReport {
         let mut conditions: Vec<_> = p.condition.iter().cloned().collect();
         conditions.push(tunnel::desired::condition(
-            link.tunnel.borrow().is_some(),
+            link.tunnel.borrow().as_ref(),
             &link.tunnel_status.borrow(),
         ));
         StatusReport {

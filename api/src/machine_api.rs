@@ -159,7 +159,8 @@ pub struct Tunnel {
     pub server: String,
     /// A ServiceAccount token of the tenant's `kube-system/konnectivity-agent`, audience
     /// `system:konnectivity-server`, minted for this Machine and bound to a Secret the
-    /// operator deletes when the machine leaves the tenant.
+    /// operator deletes when the machine leaves the tenant (after which the server refuses
+    /// it at the next connect).
     pub token: String,
     /// When the token expires (RFC 3339); the operator mints the next one before.
     pub token_expires: String,

@@ -6,17 +6,19 @@
 //!
 //! The decisions ([`Pool`], [`backoff`], [`sync_delay`]) are pure; [`run`] is the edge.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::stream::{self, Connected};
+use super::stream::{self, Connected, Counters};
 use super::{Settings, Status};
 use crate::error::Result;
 
@@ -125,7 +127,13 @@ pub async fn run(
         let current = settings.borrow_and_update().clone();
         let exit = match current {
             None => {
-                publish(&status, &Pool::default(), None, *drain.borrow());
+                publish(
+                    &status,
+                    &Pool::default(),
+                    None,
+                    *drain.borrow(),
+                    &Counters::default(),
+                );
                 match settings.changed().await {
                     Ok(()) => Exit::Changed,
                     Err(_) => Exit::Gone,
@@ -134,18 +142,32 @@ pub async fn run(
             Some(s) => generation(s, &mut settings, &status, &mut drain).await,
         };
         if let Exit::Gone = exit {
-            publish(&status, &Pool::default(), None, *drain.borrow());
+            publish(
+                &status,
+                &Pool::default(),
+                None,
+                *drain.borrow(),
+                &Counters::default(),
+            );
             return;
         }
     }
 }
 
-fn publish(status: &watch::Sender<Status>, pool: &Pool, last_error: Option<&str>, draining: bool) {
+fn publish(
+    status: &watch::Sender<Status>,
+    pool: &Pool,
+    last_error: Option<&str>,
+    draining: bool,
+    counters: &Counters,
+) {
     let next = Status {
         servers: pool.held().clone(),
         server_count: pool.server_count(),
         last_error: last_error.map(str::to_string),
         draining,
+        drained: counters.drained.load(Ordering::Relaxed),
+        open_connections: counters.open.load(Ordering::Relaxed),
     };
     status.send_if_modified(|s| {
         let changed = *s != next;
@@ -153,6 +175,9 @@ fn publish(status: &watch::Sender<Status>, pool: &Pool, last_error: Option<&str>
         changed
     });
 }
+
+/// How often the status is refreshed while draining.
+const DRAIN_REFRESH: Duration = Duration::from_millis(100);
 
 /// Holds streams for one set of settings until they change in more than the token.
 async fn generation(
@@ -162,7 +187,10 @@ async fn generation(
     drain: &mut watch::Receiver<bool>,
 ) -> Exit {
     let mut pool = Pool::default();
-    let mut streams: JoinSet<(String, Result<()>)> = JoinSet::new();
+    let mut streams: JoinSet<Result<()>> = JoinSet::new();
+    // Which server each stream task serves, so even a task that panicked is forgotten.
+    let mut serving: HashMap<tokio::task::Id, String> = HashMap::new();
+    let counters = Arc::new(Counters::default());
     let mut connecting: Option<Connecting> = None;
     let mut failures = 0u32;
     let mut next_attempt = Instant::now();
@@ -170,7 +198,7 @@ async fn generation(
     let mut draining = *drain.borrow_and_update();
     let mut drain_open = true;
     loop {
-        publish(status, &pool, last_error.as_deref(), draining);
+        publish(status, &pool, last_error.as_deref(), draining, &counters);
         let may_connect = !draining && pool.wants_more() && connecting.is_none();
         if may_connect && Instant::now() >= next_attempt {
             let s = s.clone();
@@ -195,10 +223,11 @@ async fn generation(
                             let server = s.server.clone();
                             let allow = s.allow.clone();
                             let drain = drain.clone();
-                            streams.spawn(async move {
-                                let ended = stream::serve(connected, &server, allow, drain).await;
-                                (id, ended)
+                            let counters = counters.clone();
+                            let task = streams.spawn(async move {
+                                stream::serve(connected, &server, allow, drain, counters).await
                             });
+                            serving.insert(task.id(), id);
                         }
                         Admission::Duplicate => {
                             tracing::debug!(
@@ -219,20 +248,21 @@ async fn generation(
                     }
                 }
             }
-            Some(joined) = streams.join_next(), if !streams.is_empty() => {
-                let (id, why, wait) = match joined {
-                    Ok((id, Ok(()))) => (id, "closed by the server".to_string(), sync_delay(jitter())),
-                    Ok((id, Err(e))) => {
+            Some(joined) = streams.join_next_with_id(), if !streams.is_empty() => {
+                let (task, why, wait) = match joined {
+                    Ok((task, Ok(()))) => (task, "closed by the server".to_string(), sync_delay(jitter())),
+                    Ok((task, Err(e))) => {
                         last_error = Some(e.to_string());
                         failures += 1;
-                        (id, e.to_string(), backoff(failures, jitter()))
+                        (task, e.to_string(), backoff(failures, jitter()))
                     }
                     // Streams are only aborted with the whole set; a panic is a bug.
                     Err(e) => {
                         failures += 1;
-                        ("?".to_string(), format!("task failed: {e}"), backoff(failures, jitter()))
+                        (e.id(), format!("task failed: {e}"), backoff(failures, jitter()))
                     }
                 };
+                let id = serving.remove(&task).unwrap_or_default();
                 pool.remove(&id);
                 tracing::info!("tunnel: server {id} ended: {why} ({})", pool.progress());
                 // Sync again after a pause: right away the balancer would most likely send us
@@ -241,6 +271,8 @@ async fn generation(
                 next_attempt = Instant::now() + wait;
             }
             _ = tokio::time::sleep_until(next_attempt), if waiting => {}
+            // While draining, the counters are what the exiting agent waits on.
+            _ = tokio::time::sleep(DRAIN_REFRESH), if draining => {}
             changed = settings.changed() => {
                 if changed.is_err() {
                     return Exit::Gone;

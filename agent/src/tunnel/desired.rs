@@ -36,13 +36,17 @@ pub fn settings(join: &Join) -> Option<Settings> {
     })
 }
 
-/// `TunnelConnected`: True while a stream to every server instance is held; False with
-/// `NoTunnel` when the desired config asks for none (a free machine: the condition of an
-/// earlier tenant must not linger on it).
-pub fn condition(wanted: bool, s: &Status) -> Condition {
+/// `TunnelConnected` for the tunnel `wanted` (the settings the join gave, if any): True
+/// while a stream to every server instance is held; False with `NoTunnel` when the desired
+/// config asks for none (a free machine: the condition of an earlier tenant must not linger
+/// on it), and with `NoNodeIP` when the join names no node IP (the API server dials kubelets
+/// by their InternalIP, which this agent then neither announces nor accepts).
+pub fn condition(wanted: Option<&Settings>, s: &Status) -> Condition {
     let held = s.servers.len();
-    let (ok, reason) = if !wanted {
+    let (ok, reason) = if wanted.is_none() {
         (false, "NoTunnel")
+    } else if wanted.is_some_and(|w| w.node_ip.is_none()) {
+        (false, "NoNodeIP")
     } else if s.draining {
         (false, "Draining")
     } else if s.server_count > 0 && held >= s.server_count {
@@ -52,7 +56,7 @@ pub fn condition(wanted: bool, s: &Status) -> Condition {
     } else {
         (false, "NotConnected")
     };
-    let mut message = if wanted {
+    let mut message = if wanted.is_some() {
         format!("{held}/{} konnectivity servers", s.server_count.max(held))
     } else {
         "no tenant with konnectivity holds this machine".to_string()
@@ -109,11 +113,26 @@ mod tests {
 
     #[test]
     fn the_condition_is_true_only_with_every_server() {
+        let with_ip = Settings {
+            server: "10.0.0.1:8132".into(),
+            ca_pem: "CA".into(),
+            token: "jwt".into(),
+            agent_id: "m-1".into(),
+            node_name: "m-1".into(),
+            node_ip: Some("10.0.0.5".parse().unwrap()),
+            allow: Allow {
+                node_ips: vec!["10.0.0.5".parse().unwrap()],
+                node_names: vec!["m-1".into()],
+                kubelet_port: kubelet::PORT,
+                cidrs: vec![],
+            },
+        };
         let status = |held: &[&str], count, err: Option<&str>, draining| Status {
             servers: held.iter().map(|s| s.to_string()).collect(),
             server_count: count,
             last_error: err.map(str::to_string),
             draining,
+            ..Default::default()
         };
         for (s, want, reason, message) in [
             (
@@ -153,7 +172,7 @@ mod tests {
                 "1/1 konnectivity servers",
             ),
         ] {
-            let c = condition(true, &s);
+            let c = condition(Some(&with_ip), &s);
             assert_eq!(
                 (
                     c.type_.as_str(),
@@ -165,10 +184,19 @@ mod tests {
                 "{s:?}"
             );
         }
-        let c = condition(false, &status(&["a"], 1, None, false));
+        let c = condition(None, &status(&["a"], 1, None, false));
         assert_eq!(
             (c.status.as_str(), c.reason.as_str()),
             ("False", "NoTunnel")
+        );
+        let no_ip = Settings {
+            node_ip: None,
+            ..with_ip
+        };
+        let c = condition(Some(&no_ip), &status(&["a"], 1, None, false));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NoNodeIP")
         );
     }
 }

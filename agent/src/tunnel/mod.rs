@@ -100,6 +100,11 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Whether the agent is draining (DRAIN sent, no new streams).
     pub draining: bool,
+    /// Streams that have queued their `DRAIN` (refreshed every 100 ms while draining).
+    pub drained: usize,
+    /// Remote connections open through the tunnel (refreshed every 100 ms while draining;
+    /// a sample otherwise).
+    pub open_connections: usize,
 }
 
 /// Runs until `settings`' sender is dropped. `None` settings: hold no streams. A change of

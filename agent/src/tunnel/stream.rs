@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -205,8 +206,36 @@ enum Event {
     },
 }
 
+/// What the streams of one settings generation share with the clientset, which reports it
+/// in [`super::Status`]: the remote connections open across them, and how many have queued
+/// their `DRAIN`. A draining agent waits for both before it exits.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Remote connections open now.
+    pub open: AtomicUsize,
+    /// Streams that have queued their `DRAIN` packet.
+    pub drained: AtomicUsize,
+}
+
+/// Counts one open connection for as long as it lives.
+struct OpenGuard(Arc<Counters>);
+
+impl OpenGuard {
+    fn new(counters: &Arc<Counters>) -> OpenGuard {
+        counters.open.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(counters.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One open remote connection.
 struct Conn {
+    _open: OpenGuard,
     to_remote: mpsc::Sender<Bytes>,
     /// Set (under the lock) before `CLOSE_RSP` is queued; the reader sends `DATA` only under
     /// the lock and while unset, so no `DATA` follows the `CLOSE_RSP`.
@@ -224,6 +253,7 @@ struct Edge {
     dials: HashMap<i64, AbortHandle>,
     dialed: HashMap<i64, TcpStream>,
     conns: HashMap<i64, Conn>,
+    counters: Arc<Counters>,
 }
 
 impl Edge {
@@ -311,6 +341,7 @@ impl Edge {
         self.conns.insert(
             connect_id,
             Conn {
+                _open: OpenGuard::new(&self.counters),
                 to_remote,
                 closed,
                 reader,
@@ -384,6 +415,7 @@ pub async fn serve(
     server: &str,
     allow: Allow,
     mut drain: watch::Receiver<bool>,
+    counters: Arc<Counters>,
 ) -> Result<()> {
     let Connected {
         mut inbound,
@@ -399,10 +431,12 @@ pub async fn serve(
         dials: HashMap::new(),
         dialed: HashMap::new(),
         conns: HashMap::new(),
+        counters: counters.clone(),
     };
     let mut session = Session::new(allow);
     if *drain.borrow_and_update() {
         edge.handle(&mut session, Input::Drain).await?;
+        counters.drained.fetch_add(1, Ordering::Relaxed);
     }
     let mut drain_open = true;
     loop {
@@ -443,7 +477,11 @@ pub async fn serve(
             },
             Some(_) = edge.tasks.join_next(), if !edge.tasks.is_empty() => continue,
         };
+        let drained = input == Input::Drain;
         edge.handle(&mut session, input).await?;
+        if drained {
+            counters.drained.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

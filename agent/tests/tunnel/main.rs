@@ -189,6 +189,12 @@ async fn drain_tells_the_server_and_opens_no_streams() {
     agent.drain.send_replace(true);
     let status = agent.wait("draining", |s| s.draining).await;
     assert_eq!(status.servers.len(), 1, "the stream stays");
+    // What a stopping agent waits on: DRAIN queued on its one stream, nothing open.
+    agent
+        .wait("DRAIN queued", |s| {
+            s.drained == 1 && s.open_connections == 0
+        })
+        .await;
     poll("the server to mark the agent draining", || {
         (server.logged("marked backend as draining") == 1).then_some(())
     })
@@ -198,10 +204,16 @@ async fn drain_tells_the_server_and_opens_no_streams() {
     let mut t = dial(&server.uds, &echo.to_string()).await.unwrap();
     t.send(b"draining").await;
     assert_eq!(t.read(8).await, b"draining");
+    agent
+        .wait("one open connection", |s| s.open_connections == 1)
+        .await;
 
     // Its server restarts: no new stream while draining. The agent would reconnect within
     // about a second (see the restart test), so three quiet seconds show it does not.
     drop(t);
+    agent
+        .wait("the connection closed", |s| s.open_connections == 0)
+        .await;
     drop(server);
     agent.wait_servers(&[]).await;
     let server = Server::start(dir.path(), &pki, "s2", 1, port).await;

@@ -285,11 +285,26 @@ async fn apply(pool: &WorkerPool, ctx: &Context) -> Result<Action, Error> {
         )
         .await?;
     }
+    // Tunnel tokens only for machines this tenant's pools hold, and only with konnectivity.
+    let tunnels: BTreeSet<String> = match tenancy.konnectivity {
+        Some(_) => peers_of(&machines, &keys),
+        None => BTreeSet::new(),
+    };
+    tunnel_tokens::sweep(&resolved.client, &tunnels).await?;
     sweep_csrs(&resolved, &keys, &machines, &nodes).await?;
     write_status(pool, ctx, &kept, &nodes, Some(&resolved.version), None).await?;
     let ready = kept.iter().filter(|m| node_ready(&nodes, m)).count();
     let settled = releasing.is_empty() && kept.len() == want && ready == want;
     Ok(Action::requeue(if settled { IDLE } else { BUSY }))
+}
+
+/// The Machines any of the tenant's pools (`keys`) holds.
+fn peers_of(machines: &[Machine], keys: &BTreeSet<String>) -> BTreeSet<String> {
+    machines
+        .iter()
+        .filter(|m| m.spec.pool.as_ref().is_some_and(|k| keys.contains(k)))
+        .map(|m| m.name_any())
+        .collect()
 }
 
 fn node_ready(nodes: &[NodeView], m: &Machine) -> bool {
@@ -374,13 +389,15 @@ async fn ensure_join(
     let current = read_secret(&secrets, &secret).await?;
     let tunnel = match &tenancy.konnectivity {
         None => None,
-        Some(_) => {
-            let anchor = tunnel_tokens::anchor(tenant, &name).await?;
-            Some(match join::issued_tunnel(&current) {
-                Some(t) if t.reusable(&anchor, now) => t,
-                _ => tunnel_tokens::mint(tenant, &name, &anchor).await?,
-            })
-        }
+        // A token the tenant will not mint now must not stall the pool's other machines
+        // (nor CSR approval): the join keeps the one it has, and the next pass tries again.
+        Some(_) => match tunnel_token(tenant, &name, &current, now).await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(machine = %name, "tunnel token: {e}; the join keeps its current one");
+                join::issued_tunnel(&current)
+            }
+        },
     };
     let join = join::render(
         m,
@@ -421,6 +438,20 @@ async fn ensure_join(
         tracing::info!(machine = %name, token = join.bootstrap_token.is_some(), "join rendered");
     }
     Ok(())
+}
+
+/// The tunnel token for `machine`'s join: the one it has while reusable, else a new one.
+async fn tunnel_token(
+    tenant: &kube::Client,
+    machine: &str,
+    current: &Files,
+    now: time::OffsetDateTime,
+) -> Result<tunnel_tokens::Issued, Error> {
+    let anchor = tunnel_tokens::anchor(tenant, machine).await?;
+    match join::issued_tunnel(current) {
+        Some(t) if t.reusable(&anchor, now) => Ok(t),
+        _ => tunnel_tokens::mint(tenant, machine, &anchor).await,
+    }
 }
 
 /// The keys (`<ns>/<name>`) of every pool of the pool's tenant.

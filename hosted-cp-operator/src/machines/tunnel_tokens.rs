@@ -3,11 +3,14 @@
 //! tether-agent runs on the host, not in a pod, so nothing projects it a token: the pool
 //! controller mints one per Machine with TokenRequest and puts it in that Machine's join.
 //! Each token is bound to an anchor Secret `kube-system/tether-tunnel-<machine>` in the
-//! tenant, so deleting the anchor (release, pool or tenant deletion) revokes it at once;
-//! otherwise it lives [`LIFETIME_SECONDS`] and the next one is minted when less than
-//! [`RENEW_BEFORE`] is left. konnectivity checks the token only when a stream opens, so a
-//! renewed token is used at the agent's next connect. Why tokens rather than mTLS:
-//! docs/decisions.md "The tunnel".
+//! tenant: deleting the anchor — when the machine is released, and by [`sweep`] for any
+//! machine no pool of the tenant holds any more (deleted Machines, pools deleted while the
+//! tenant was unreachable, konnectivity turned off) — makes the server refuse its tokens
+//! from then on. Otherwise a token lives [`LIFETIME_SECONDS`] and the next one is minted when
+//! less than [`RENEW_BEFORE`] is left. konnectivity checks the token only when a stream
+//! opens: a renewed token is used at the agent's next connect, and a revoked one ends
+//! nothing already open (the agent closes its streams when its join goes away). Why
+//! tokens rather than mTLS: docs/decisions.md "The tunnel".
 
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
@@ -31,7 +34,7 @@ pub fn anchor_name(machine: &str) -> String {
 }
 
 /// A token as handed out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Issued {
     /// The JWT.
     pub token: String,
@@ -39,6 +42,16 @@ pub struct Issued {
     pub expires: String,
     /// The UID of the anchor it is bound to.
     pub anchor_uid: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("token", &"<redacted>")
+            .field("expires", &self.expires)
+            .field("anchor_uid", &self.anchor_uid)
+            .finish()
+    }
 }
 
 impl Issued {
@@ -114,6 +127,33 @@ pub async fn mint(tenant: &kube::Client, machine: &str, anchor_uid: &str) -> Res
         expires,
         anchor_uid: anchor_uid.into(),
     })
+}
+
+/// Revokes the tokens of every machine with an anchor in the tenant that is not in `keep`.
+pub async fn sweep(
+    tenant: &kube::Client,
+    keep: &std::collections::BTreeSet<String>,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(tenant.clone(), "kube-system");
+    let anchors = api
+        .list(&kube::api::ListParams::default().labels(MACHINE_LABEL))
+        .await
+        .map_err(Error::kube("list the tenant's tunnel anchors"))?;
+    for s in anchors.items {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let machine = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MACHINE_LABEL));
+        if let Some(machine) = machine
+            && name == anchor_name(machine)
+            && !keep.contains(machine)
+        {
+            revoke(tenant, machine).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Revokes every tunnel token of `machine` (deletes the anchor).

@@ -6,7 +6,7 @@
 //! the upstream Go `konnectivity-agent` (the reference) on the same server; a dial to an
 //! address outside the tenant is refused; an admission webhook served by a pod on the node
 //! decides through the tunnel; a token near its expiry is replaced by the operator; killing
-//! konnectivity-server, the agent reconnects (with the new token) and logs work again.
+//! konnectivity-server, the agent reconnects and logs work again.
 
 use std::time::{Duration, Instant};
 
@@ -153,7 +153,8 @@ async fn the_api_server_reaches_a_node_that_accepts_no_connection_through_the_tu
         or_diag(|| tunnel::check_webhook(tenant), diag);
     });
 
-    // A token nearing its expiry is replaced: the next connect below uses the new one.
+    // A token nearing its expiry is replaced in the join. (That the next connect uses it is
+    // not told apart here: the old token stays valid until its real expiry.)
     renew_soon(&f.client, name).await;
 
     // konnectivity-server killed: the agent reconnects and logs work again.
