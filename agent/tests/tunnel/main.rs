@@ -20,15 +20,42 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxies_allowed_dials_and_refuses_the_rest() {
+/// One server on a free port and an agent holding its stream.
+struct OneServer {
+    dir: TempDir,
+    pki: Pki,
+    port: u16,
+    server: Server,
+    agent: Agent,
+}
+
+async fn one_server(id: &str) -> OneServer {
     init_logs();
     let dir = TempDir::new().unwrap();
     let pki = pki(dir.path());
     let port = free_port();
-    let server = Server::start(dir.path(), &pki, "s1", 1, port).await;
+    let server = Server::start(dir.path(), &pki, id, 1, port).await;
     let mut agent = Agent::start(settings(&format!("127.0.0.1:{port}"), &pki));
-    let status = agent.wait_servers(&["s1"]).await;
+    agent.wait_servers(&[id]).await;
+    OneServer {
+        dir,
+        pki,
+        port,
+        server,
+        agent,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_allowed_dials_and_refuses_the_rest() {
+    // The directory holds the server's socket: kept to the end.
+    let OneServer {
+        dir: _dir,
+        server,
+        agent,
+        ..
+    } = one_server("s1").await;
+    let status = agent.status.borrow().clone();
     assert_eq!(status.server_count, 1);
     assert_eq!(status.last_error, None);
 
@@ -113,13 +140,13 @@ async fn proxies_allowed_dials_and_refuses_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_the_server_restarts() {
-    init_logs();
-    let dir = TempDir::new().unwrap();
-    let pki = pki(dir.path());
-    let port = free_port();
-    let server = Server::start(dir.path(), &pki, "first", 1, port).await;
-    let mut agent = Agent::start(settings(&format!("127.0.0.1:{port}"), &pki));
-    agent.wait_servers(&["first"]).await;
+    let OneServer {
+        dir,
+        pki,
+        port,
+        server,
+        mut agent,
+    } = one_server("first").await;
 
     let killed = Instant::now();
     drop(server);
@@ -178,13 +205,13 @@ async fn holds_a_stream_to_every_server_behind_one_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_tells_the_server_and_opens_no_streams() {
-    init_logs();
-    let dir = TempDir::new().unwrap();
-    let pki = pki(dir.path());
-    let port = free_port();
-    let server = Server::start(dir.path(), &pki, "s1", 1, port).await;
-    let mut agent = Agent::start(settings(&format!("127.0.0.1:{port}"), &pki));
-    agent.wait_servers(&["s1"]).await;
+    let OneServer {
+        dir,
+        pki,
+        port,
+        server,
+        mut agent,
+    } = one_server("s1").await;
 
     agent.drain.send_replace(true);
     let status = agent.wait("draining", |s| s.draining).await;
