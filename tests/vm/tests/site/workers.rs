@@ -771,6 +771,9 @@ fn certificates_are_per_machine(tenant: &Tenant, nodes: &[&str]) {
                 "secrets",
                 "-l",
                 "tether.dev/machine",
+                // The machines' tunnel anchors carry the label too, and stay.
+                "--field-selector",
+                "type=bootstrap.kubernetes.io/token",
                 "-o",
                 "name",
             ])
