@@ -43,21 +43,27 @@ pub fn deploy_tools(site: &Site, tenant: &Tenant, name: &str, node: &str) {
         ),
     )
     .unwrap();
+    apply_and_wait(tenant, &file, name);
+}
+
+/// Applies `file` to the tenant and waits until pod `pod` is ready (its description on
+/// timeout).
+fn apply_and_wait(tenant: &Tenant, file: &Path, pod: &str) {
     tenant
         .kubectl(&["apply", "-f", &file.display().to_string()])
         .unwrap();
     tenant
         .kubectl(&[
             "wait",
-            &format!("pod/{name}"),
+            &format!("pod/{pod}"),
             "--for=condition=Ready",
             "--timeout=180s",
         ])
         .unwrap_or_else(|e| {
             panic!(
-                "pod {name} not ready: {e}\n{}",
+                "pod {pod} not ready: {e}\n{}",
                 tenant
-                    .kubectl(&["describe", "pod", name])
+                    .kubectl(&["describe", "pod", pod])
                     .unwrap_or_default()
             )
         });
@@ -492,24 +498,7 @@ pub fn deploy_webhook(site: &Site, tenant: &Tenant, node: &str) {
         ),
     )
     .unwrap();
-    tenant
-        .kubectl(&["apply", "-f", &file.display().to_string()])
-        .unwrap();
-    tenant
-        .kubectl(&[
-            "wait",
-            "pod/hook",
-            "--for=condition=Ready",
-            "--timeout=180s",
-        ])
-        .unwrap_or_else(|e| {
-            panic!(
-                "webhook pod not ready: {e}\n{}",
-                tenant
-                    .kubectl(&["describe", "pod", "hook"])
-                    .unwrap_or_default()
-            )
-        });
+    apply_and_wait(tenant, &file, "hook");
 }
 
 /// The webhook of [`deploy_webhook`] decides: a ConfigMap named `deny-*` in `hooked` is
