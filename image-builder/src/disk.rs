@@ -54,15 +54,20 @@ pub struct DiskInputs<'a> {
     pub epoch: u64,
 }
 
+/// The state partition: a joined node keeps its runtime (~190 MB of binaries), containerd's
+/// images and the pods' writable layers there. At 256 MiB the kubelet evicted the first pod
+/// for disk pressure; `disk.raw` is sparse, so the empty space costs no bytes on the host.
+pub const STATE_SIZE: u64 = 2048 * MIB;
+
 /// Partition sizes for given artifact sizes: the ESP holds both slots' kernel + initramfs
 /// with room for them to double (at least 64 MiB); a slot holds twice the rootfs (at least
 /// 256 MiB), rounded to 64 MiB, so upgrades to a larger image still fit; the state
-/// partition starts at 256 MiB (growing it to the disk is an install step, not done here).
+/// partition is [`STATE_SIZE`] (growing it to the disk is an install step, not done here).
 pub fn sizes(kernel: u64, initramfs: u64, rootfs: u64) -> (u64, u64, u64) {
     let round64 = |b: u64| b.div_ceil(64 * MIB) * 64 * MIB;
     let esp = round64((4 * (kernel + initramfs) + 4 * MIB).max(64 * MIB));
     let slot = round64((2 * rootfs).max(256 * MIB));
-    (esp, slot, 256 * MIB)
+    (esp, slot, STATE_SIZE)
 }
 
 /// A GUID (RFC 4122 text form, version-4 shaped) derived from `seed` and `what`: stable for
@@ -303,12 +308,12 @@ mod tests {
             // today's image: 8.2 MB kernel, 5.6 MB initramfs, 106 MB rootfs
             (
                 (8_200_000, 5_600_000, 106_400_000),
-                (64 * MIB, 256 * MIB, 256 * MIB),
+                (64 * MIB, 256 * MIB, STATE_SIZE),
             ),
             // a larger one: slots double the rootfs, ESP four times kernel+initramfs
             (
                 (20 * MIB, 20 * MIB, 300 * MIB),
-                (192 * MIB, 640 * MIB, 256 * MIB),
+                (192 * MIB, 640 * MIB, STATE_SIZE),
             ),
         ];
         for ((k, i, r), want) in cases {

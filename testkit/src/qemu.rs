@@ -1,8 +1,11 @@
 //! qemu VMs for tests and benchmarks: always `-accel tcg` (this project's machines have no
 //! usable KVM), no display or monitor, `-no-reboot`, the serial console written to a file
-//! that [`Vm::wait_for`] watches. The VM is killed on drop.
+//! that [`Vm::wait_for`] watches. The VM runs in its own process group recorded in
+//! [`crate::state`], so the next run kills it if its owner died without dropping it; it is
+//! killed on drop.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -94,16 +97,21 @@ impl Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .map_err(|_| Error::MissingTool {
                 tool: "qemu-system-x86_64".into(),
                 hint: "install qemu-system-x86 (cargo xtask deps does)".into(),
             })?;
-        Ok(Vm {
+        let record = crate::state::record_process_group(child.id());
+        let mut vm = Vm {
             child,
             serial: self.serial,
             started: Instant::now(),
-        })
+            record: None,
+        };
+        vm.record = Some(record?);
+        Ok(vm)
     }
 }
 
@@ -112,12 +120,23 @@ pub struct Vm {
     child: Child,
     serial: PathBuf,
     started: Instant,
+    record: Option<PathBuf>,
 }
 
 impl Vm {
     /// Everything the serial console printed so far.
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// qemu's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The serial console's file.
+    pub fn serial_path(&self) -> &Path {
+        &self.serial
     }
 
     /// Time since qemu was spawned.
@@ -154,6 +173,11 @@ impl Vm {
         }
     }
 
+    /// qemu's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits up to `timeout` for qemu to exit on its own (e.g. the guest powered off).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
@@ -171,6 +195,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(r) = self.record.take() {
+            let _ = fs::remove_file(r);
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! - `deps`  installs missing Debian packages and builds the pinned upstream binaries;
 //! - `env`   prints shell lines that put the cached binaries on PATH;
 //! - `test`  deps + fmt + clippy + every test (what CI runs);
-//! - `up`    the local quickstart, as far as it exists today;
+//! - `up`    the local quickstart: a tenant and PXE-booted workers that join it;
 //! - `bench` the benchmarks.
 
 mod bench;
@@ -41,7 +41,13 @@ enum Command {
     },
     /// The local quickstart: management plane, tenant control plane, PXE-booted workers.
     Up {
-        /// Tear everything down after printing the result instead of running until Ctrl-C.
+        /// Worker VMs (qemu, TCG) to boot and join.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Boot the workers from `disk.raw` with a NoCloud seed instead of PXE.
+        #[arg(long)]
+        cloud_init: bool,
+        /// Tear everything down once the nodes are Ready instead of running until Ctrl-C.
         #[arg(long)]
         exit: bool,
     },
@@ -61,7 +67,15 @@ fn main() -> ExitCode {
         Command::Deps { no_apt } => deps::run(!no_apt).map(|_| ()),
         Command::Env => deps::print_env(),
         Command::Test { cargo_test_args } => steps::test(&cargo_test_args),
-        Command::Up { exit } => up::run(exit),
+        Command::Up {
+            workers,
+            cloud_init,
+            exit,
+        } => up::run(up::Options {
+            workers,
+            cloud_init,
+            exit,
+        }),
         Command::Bench { area, cold } => bench::run(&area, cold),
     };
     match result {

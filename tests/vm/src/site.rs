@@ -42,6 +42,7 @@ pub struct Site {
     pub host_ip: Ipv4Addr,
     /// tether-pxe's HTTP base URL.
     pub pxe_url: String,
+    operator_bin: PathBuf,
     parts: Mutex<Parts>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -115,15 +116,51 @@ fn wait_file(path: &Path, what: &str, proc: &mut Process, timeout: Duration) -> 
     Ok(())
 }
 
+/// What a site is made of: where it lives, the image it serves and the programs it runs.
+pub struct SiteConfig {
+    /// Its directory (logs, state, serial consoles).
+    pub dir: PathBuf,
+    /// The built image, served by tether-pxe and published as a BootImage.
+    pub image: &'static Built,
+    /// The `tether-operator` binary.
+    pub operator: PathBuf,
+    /// The `tether-pxe` binary.
+    pub pxe: PathBuf,
+}
+
 impl Site {
     fn start() -> Result<Site, String> {
         let started = Instant::now();
         let tmp = tether_testkit::test_dir("tether-site-").map_err(|e| e.to_string())?;
-        let dir = tmp.path().to_path_buf();
         let image = image::image();
         eprintln!("site: image ready after {:?}", started.elapsed());
-        let operator_bin = image::workspace_binary("tether-operator", "tether-operator");
-        let pxe_bin = image::workspace_binary("tether-pxe", "tether-pxe");
+        let mut site = Site::start_with(SiteConfig {
+            dir: tmp.path().to_path_buf(),
+            image,
+            operator: image::workspace_binary("tether-operator", "tether-operator"),
+            pxe: image::workspace_binary("tether-pxe", "tether-pxe"),
+        })?;
+        site._tmp = Some(tmp);
+        eprintln!(
+            "site: segment {}/24, machine API {}, tether-pxe {}, up after {:?}",
+            site.host_ip,
+            site.api_url,
+            site.pxe_url,
+            started.elapsed()
+        );
+        Ok(site)
+    }
+
+    /// Makes the segment and starts the management plane on it, publishes the image and
+    /// starts tether-pxe; all of it stops with [`Site::stop`] (or with the process, through
+    /// the testkit's records, if it dies first).
+    pub fn start_with(config: SiteConfig) -> Result<Site, String> {
+        let SiteConfig {
+            dir,
+            image,
+            operator: operator_bin,
+            pxe: pxe_bin,
+        } = config;
         let segment = Segment::create(&dir).map_err(|e| e.to_string())?;
         let host_ip = segment.host_ip();
 
@@ -152,14 +189,15 @@ impl Site {
                 .map_err(|e| format!("{e}\n{}", operator.log_tail(30)))?;
 
         // The image as a BootImage.
-        run(Command::new(
-            tether_testkit::binaries::binary(tether_upstream::Component::Kubectl)
-                .map_err(|e| e.to_string())?,
+        kubectl(
+            &kubeconfig,
+            &[
+                "apply",
+                "-f",
+                &image.dir.join("bootimage.yaml").display().to_string(),
+            ],
         )
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["apply", "-f"])
-        .arg(image.dir.join("bootimage.yaml")));
+        .map_err(|e| format!("apply the BootImage: {e}"))?;
         let boot_image = tether_image::boot::object_name(&image.manifest.version);
 
         // tether-pxe on the uplink: proxyDHCP next to the site's dnsmasq, cluster source.
@@ -188,10 +226,6 @@ impl Site {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        eprintln!(
-            "site: segment {host_ip}/24, machine API {api_url}, tether-pxe {pxe_url}, up after {:?}",
-            started.elapsed()
-        );
         Ok(Site {
             dir,
             kubeconfig,
@@ -201,17 +235,20 @@ impl Site {
             boot_image,
             host_ip,
             pxe_url,
+            operator_bin,
             parts: Mutex::new(Parts {
                 pxe: Some(pxe),
                 operator: Some(operator),
                 segment: Some(segment),
                 next_mac: 0x10,
             }),
-            _tmp: Some(tmp),
+            _tmp: None,
         })
     }
 
-    fn stop(&self) {
+    /// Stops tether-pxe, then the management plane (SIGTERM: standalone stops its tenants
+    /// first), then removes the segment.
+    pub fn stop(&self) {
         let mut p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(mut pxe) = p.pxe.take() {
             pxe.stop(Duration::from_secs(5));
@@ -221,6 +258,26 @@ impl Site {
             op.stop(Duration::from_secs(30));
         }
         drop(p.segment.take());
+    }
+
+    /// The segment's network namespace (where the bridge, the site's DHCP server and the
+    /// VMs' qemu processes live).
+    pub fn namespace(&self) -> String {
+        let p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        p.segment
+            .as_ref()
+            .map(|s| s.netns().name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Fails with the log's tail when tether-pxe or the management plane has exited.
+    pub fn check_running(&self) -> Result<(), String> {
+        let mut p = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let Parts { pxe, operator, .. } = &mut *p;
+        for proc in [pxe.as_mut(), operator.as_mut()].into_iter().flatten() {
+            proc.check_running().map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// kubectl against the management cluster; stdout, or the error with stderr.
@@ -238,8 +295,7 @@ impl Site {
 
     /// `tether-operator token …` with the site's kubeconfig; stdout.
     pub fn token(&self, args: &[&str]) -> String {
-        let bin = image::workspace_binary("tether-operator", "tether-operator");
-        run(Command::new(bin)
+        run(Command::new(&self.operator_bin)
             .arg("token")
             .args(args)
             .env("KUBECONFIG", &self.kubeconfig))
@@ -329,6 +385,74 @@ impl Site {
             ])
             .spawn()
             .expect("start qemu")
+    }
+
+    /// A VM on the segment that boots `disk` (a `disk.raw`, copied sparsely to
+    /// `<dir>/<name>.disk.raw` because the VM writes to it) under OVMF through systemd-boot,
+    /// with `seed` attached read-only as a second virtio disk — a NoCloud `cidata` volume.
+    pub fn disk_vm(
+        &self,
+        name: &str,
+        mac: &str,
+        memory_mib: u32,
+        disk: &Path,
+        seed: &Path,
+    ) -> Result<Vm, String> {
+        let copy = self.dir.join(format!("{name}.disk.raw"));
+        let _ = std::fs::remove_file(&copy);
+        let out = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(disk)
+            .arg(&copy)
+            .output()
+            .map_err(|e| format!("cp: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "copy {}: {}",
+                disk.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        self.vm_on_segment(name, mac, memory_mib)
+            .ovmf(&self.dir.join(format!("{name}.OVMF_VARS.fd")))
+            .map_err(|e| e.to_string())?
+            .args([
+                "-drive".to_string(),
+                format!("if=none,id=disk,format=raw,file={}", copy.display()),
+                // The disk before the NIC: OVMF would otherwise try PXE first.
+                "-device".to_string(),
+                "virtio-blk-pci,drive=disk,bootindex=0".to_string(),
+                "-drive".to_string(),
+                format!("file={},if=virtio,format=raw,readonly=on", seed.display()),
+            ])
+            .spawn()
+            .map_err(|e| e.to_string())
+    }
+
+    /// A NoCloud volume `<dir>/<name>.img`: 4 MiB of vfat labelled `CIDATA` holding
+    /// `user-data` and a `meta-data` naming `name` as the instance (cloud-init's seed disk).
+    pub fn cidata_volume(&self, name: &str, user_data: &str) -> Result<PathBuf, String> {
+        let seed = self.seed_dir(name, user_data);
+        let img = self.dir.join(format!("{name}.img"));
+        let _ = std::fs::remove_file(&img);
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)))
+            }
+        };
+        run(Command::new("truncate").args(["-s", "4M"]).arg(&img))?;
+        run(Command::new("mkfs.vfat").args(["-n", "CIDATA"]).arg(&img))?;
+        for f in ["user-data", "meta-data"] {
+            run(Command::new("mcopy")
+                .arg("-i")
+                .arg(&img)
+                .arg(seed.join(f))
+                .arg(format!("::{f}")))?;
+        }
+        Ok(img)
     }
 
     /// The image's initramfs with its rootfs appended (what tether-pxe serves), written

@@ -25,6 +25,13 @@ pub struct Tenant {
 impl Tenant {
     /// Creates tenant `name` on the site and waits until it is Ready.
     pub fn create(site: &Site, name: &str) -> Tenant {
+        Tenant::try_create(site, name, Duration::from_secs(180))
+            .unwrap_or_else(|e| panic!("tenant {name}: {e}\n{}", site.operator_log()))
+    }
+
+    /// Creates tenant `name` (the pinned Kubernetes version) on the site, waits up to
+    /// `timeout` until it is Ready and writes its admin kubeconfig to `<dir>/<name>.kubeconfig`.
+    pub fn try_create(site: &Site, name: &str, timeout: Duration) -> Result<Tenant, String> {
         let file = site.dir.join(format!("{name}.tcp.yaml"));
         std::fs::write(
             &file,
@@ -35,38 +42,32 @@ impl Tenant {
                 Pins::default().kubernetes
             ),
         )
-        .unwrap();
-        site.kubectl(&["apply", "-f", &file.display().to_string()])
-            .unwrap();
+        .map_err(|e| format!("write {}: {e}", file.display()))?;
+        site.kubectl(&["apply", "-f", &file.display().to_string()])?;
         site.kubectl(&[
             "wait",
             &format!("tcp/{name}"),
             "--for=jsonpath={.status.phase}=Ready",
-            "--timeout=180s",
+            &format!("--timeout={}s", timeout.as_secs()),
         ])
-        .unwrap_or_else(|e| panic!("tenant {name} not Ready: {e}\n{}", site.operator_log()));
+        .map_err(|e| format!("not Ready: {e}"))?;
         let get = |what: &str, path: &str| {
             site.kubectl(&["get", what, "-o", &format!("jsonpath={path}")])
-                .unwrap()
         };
-        let b64 = |s: String| {
+        let encoded = get(&format!("secret/{name}-admin-kubeconfig"), "{.data.*}")?;
+        let admin_kubeconfig = {
             use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(s.trim())
-                .unwrap_or_else(|e| panic!("tenant {name}: not base64: {e}"));
-            String::from_utf8(bytes).unwrap()
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| format!("admin kubeconfig: not base64: {e}"))?
         };
         let admin = site.dir.join(format!("{name}.kubeconfig"));
-        std::fs::write(
-            &admin,
-            b64(get(&format!("secret/{name}-admin-kubeconfig"), "{.data.*}")),
-        )
-        .unwrap();
-        Tenant {
+        write_private(&admin, &admin_kubeconfig)?;
+        Ok(Tenant {
             name: name.to_string(),
-            endpoint: get(&format!("tcp/{name}"), "{.status.endpoint}"),
+            endpoint: get(&format!("tcp/{name}"), "{.status.endpoint}")?,
             admin,
-        }
+        })
     }
 
     /// A client for the tenant as its admin (made on the caller's runtime).
@@ -120,6 +121,21 @@ impl Tenant {
     }
 }
 
+/// What a qemu node's serial console shows as it boots and joins, in order: (what, marker)
+/// — the initramfs's and the agent's own lines.
+pub const CONSOLE_MARKS: &[(&str, &str)] = &[
+    (
+        "kernel + initramfs: rootfs verified",
+        "tether-initramfs: rootfs verified",
+    ),
+    ("systemd: agent started", "tether-agent started"),
+    ("claimed: install begins", "node step=Marker"),
+    ("runtime downloaded and checked", "node step=Configure"),
+    ("containerd and kubelet running", "node step=Certificate"),
+    ("client certificate issued", "node step=Network"),
+    ("Node registered, podCIDR, CNI written", "node step=Ready"),
+];
+
 /// Applies WorkerPool `name` (namespace `default`) of `tenant` with `replicas` (and the
 /// kubelet `version`, else the tenant's), selecting exactly the Machines booted with `macs`
 /// (the tests share the site's inventory).
@@ -168,21 +184,44 @@ pub async fn fill_store(site: &'static Site) -> String {
     static FILLED: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
     FILLED
         .get_or_init(|| async move {
-            let store = tether_testkit::published::artifact_store(&site.kubeconfig).unwrap();
-            let work = site.dir.join("containers");
-            let s = store.clone();
-            tokio::task::spawn_blocking(move || {
-                tether_image::containers::push_all(&s, &Pins::default(), &work)
-                    .expect("build and push the container images");
-                tether_image::node_artifacts::push_all(&s, &Pins::default(), &work)
-                    .expect("push the node artifacts");
-            })
-            .await
-            .unwrap();
-            store
+            tokio::task::spawn_blocking(move || push_store(site))
+                .await
+                .unwrap()
+                .expect("fill the artifact store")
         })
         .await
         .clone()
+}
+
+/// Builds (cached by version) and pushes the pinned container images and node artifacts to
+/// the site's artifact store; the store's address.
+pub fn push_store(site: &Site) -> Result<String, String> {
+    let store =
+        tether_testkit::published::artifact_store(&site.kubeconfig).map_err(|e| e.to_string())?;
+    let work = site.dir.join("containers");
+    tether_image::containers::push_all(&store, &Pins::default(), &work)
+        .map_err(|e| format!("build and push the container images: {e}"))?;
+    tether_image::node_artifacts::push_all(&store, &Pins::default(), &work)
+        .map_err(|e| format!("push the node artifacts: {e}"))?;
+    Ok(store)
+}
+
+/// Writes `contents` to `path`, readable by its owner only (an older, wider file is
+/// narrowed first: `mode` applies to new files only).
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| {
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(contents)
+        })
+        .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// One GET the artifact store served, from its access log.

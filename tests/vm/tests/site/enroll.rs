@@ -189,25 +189,9 @@ async fn vm_enrolls_through_a_nocloud_cidata_volume() {
         "seed=cidata",
         "--user-data",
     ]);
-    let seed = site.seed_dir("vm-cidata", &user_data);
-    let img = site.dir.join("cidata.img");
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new("truncate").args(["-s", "4M"]).arg(&img));
-    run(Command::new("mkfs.vfat").args(["-n", "CIDATA"]).arg(&img));
-    for f in ["user-data", "meta-data"] {
-        run(Command::new("mcopy")
-            .arg("-i")
-            .arg(&img)
-            .arg(seed.join(f))
-            .arg(format!("::{f}")));
-    }
+    let img = site
+        .cidata_volume("vm-cidata", &user_data)
+        .expect("the cidata volume");
     let mac = site.next_mac();
     let vm = site.direct_vm("cidata", &mac, &img);
     let machine = wait_enrolled(site, &mac, Duration::from_secs(300), || {

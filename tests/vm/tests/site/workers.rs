@@ -593,23 +593,9 @@ async fn a_tampered_kubelet_is_refused_and_deleting_the_tenant_frees_the_machine
     );
 }
 
-/// What the qemu node's console shows as it boots and joins, in order: (what, marker).
-const CONSOLE_MARKS: &[(&str, &str)] = &[
-    (
-        "kernel + initramfs: rootfs verified",
-        "tether-initramfs: rootfs verified",
-    ),
-    ("systemd: agent started", "tether-agent started"),
-    ("claimed: install begins", "node step=Marker"),
-    ("runtime downloaded and checked", "node step=Configure"),
-    ("containerd and kubelet running", "node step=Certificate"),
-    ("client certificate issued", "node step=Network"),
-    ("Node registered, podCIDR, CNI written", "node step=Ready"),
-];
-
-/// When each of [`CONSOLE_MARKS`] first appeared, from power-on.
+/// When each of [`node::CONSOLE_MARKS`] first appeared, from power-on.
 fn console_marks(vm: &mut tether_testkit::qemu::Vm) -> Vec<(&'static str, Duration)> {
-    CONSOLE_MARKS
+    node::CONSOLE_MARKS
         .iter()
         .map(|(what, marker)| {
             let at = vm
