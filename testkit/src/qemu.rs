@@ -80,6 +80,12 @@ impl Qemu {
         Ok(self)
     }
 
+    /// `n` vCPUs instead of 2 (a later `-smp` overrides the earlier one): TCG VMs whose
+    /// vCPUs outnumber the host's cores starve each other into soft lockups.
+    pub fn vcpus(self, n: u32) -> Qemu {
+        self.args(["-smp", &n.max(1).to_string()])
+    }
+
     /// Adds raw arguments (drives, NICs, boot order, …).
     pub fn args<I, S>(mut self, args: I) -> Qemu
     where

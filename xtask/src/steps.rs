@@ -38,9 +38,38 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo` for a nested build, without the package variables `cargo run` gave this
+/// process: build scripts (ring's, through `cc`) track `CARGO_PKG_NAME` and
+/// `CARGO_MANIFEST_DIR`, so a nested build that inherits `xtask`'s values rebuilt ring and
+/// everything above it, and the next `cargo xtask` rebuilt them back (about 20 s each way).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_var) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// The variables cargo sets for the package it runs or tests.
+fn is_package_var(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+        )
+}
+
 /// Runs a command in the workspace root with the cached binaries on PATH; fails on non-zero.
 pub fn run(step: &str, program: &str, args: &[&str]) -> Result<(), Error> {
-    let status = Command::new(program)
+    let mut cmd = if program == "cargo" {
+        cargo()
+    } else {
+        Command::new(program)
+    };
+    let status = cmd
         .args(args)
         .current_dir(workspace_root())
         .env("PATH", deps::path_with_cache()?)
@@ -85,4 +114,29 @@ pub fn test(extra: &[String]) -> Result<(), Error> {
     timed("cargo test", || run("test", "cargo", &args))?;
     println!("all checks passed in {}", fmt_duration(total.elapsed()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_package_var;
+
+    #[test]
+    fn package_variables_are_dropped_and_cargo_settings_kept() {
+        for (name, dropped) in [
+            ("CARGO_PKG_NAME", true),
+            ("CARGO_PKG_VERSION_MAJOR", true),
+            ("CARGO_MANIFEST_DIR", true),
+            ("CARGO_MANIFEST_PATH", true),
+            ("CARGO_CRATE_NAME", true),
+            ("CARGO_BIN_NAME", true),
+            ("CARGO_PRIMARY_PACKAGE", true),
+            ("CARGO", false),
+            ("CARGO_HOME", false),
+            ("CARGO_TARGET_DIR", false),
+            ("CARGO_TERM_COLOR", false),
+            ("CARGO_BUILD_JOBS", false),
+        ] {
+            assert_eq!(is_package_var(name), dropped, "{name}");
+        }
+    }
 }

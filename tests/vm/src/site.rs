@@ -395,6 +395,7 @@ impl Site {
         name: &str,
         mac: &str,
         memory_mib: u32,
+        vcpus: u32,
         disk: &Path,
         seed: &Path,
     ) -> Result<Vm, String> {
@@ -414,6 +415,7 @@ impl Site {
             ));
         }
         self.vm_on_segment(name, mac, memory_mib)
+            .vcpus(vcpus)
             .ovmf(&self.dir.join(format!("{name}.OVMF_VARS.fd")))
             .map_err(|e| e.to_string())?
             .args([

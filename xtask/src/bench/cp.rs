@@ -198,7 +198,7 @@ pub fn run() -> Result<(), Error> {
         .filter(|n| (1..=40).contains(n))
         .unwrap_or(20);
     let root = workspace_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::steps::cargo()
         .args(["build", "-q", "-p", "tether-operator"])
         .current_dir(&root)
         .status()

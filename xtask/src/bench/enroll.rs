@@ -84,7 +84,7 @@ pub(super) fn release_binaries(root: &Path) -> Result<PathBuf, Error> {
     println!(
         "==> cargo build --release -p tether-operator -p tether-agent (a few minutes the first time)"
     );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::steps::cargo()
         .args([
             "build",
             "--release",

@@ -5,7 +5,7 @@
 //! and `disk.raw` under OVMF through systemd-boot (written from the warm squashfs build).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::{Duration, Instant};
 
 use tether_boot::manifest::Manifest;
@@ -32,7 +32,7 @@ fn agent() -> Result<PathBuf, Error> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
-    let ok = Command::new("cargo")
+    let ok = crate::steps::cargo()
         .current_dir(workspace())
         .args(["build", "-q", "-p", "tether-agent", "--target-dir"])
         .arg(&target)

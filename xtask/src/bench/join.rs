@@ -10,7 +10,7 @@
 //! 30 s on EC2, natively (akingscote.co.uk/posts/aws-eks-bottlerocket-prefetch); the goal
 //! under TCG is 60 s.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::Value;
 
@@ -28,7 +28,7 @@ fn fail(what: impl std::fmt::Display) -> Error {
 /// Runs the join test once and prints its figures.
 pub fn run() -> Result<(), Error> {
     eprintln!("bench join: running {TEST} (site, image, tenant, two machines: ~6 min)");
-    let out = Command::new("cargo")
+    let out = crate::steps::cargo()
         .current_dir(workspace_root())
         .args([
             "test",

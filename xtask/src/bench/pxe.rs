@@ -292,7 +292,7 @@ fn random_file(path: &Path, size: usize) -> Result<(), Error> {
 
 fn release_binary() -> Result<PathBuf, Error> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let st = crate::steps::cargo()
         .args([
             "build",
             "--release",

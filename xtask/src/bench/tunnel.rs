@@ -8,7 +8,7 @@
 //! ratios (ours / Go). Goal: throughput ≥ 1.0×, p99 ≤ 1.0×. The image carries a release
 //! build of the agent for this run (upstream's agent is an optimised Go build).
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::Value;
 
@@ -24,7 +24,7 @@ fn fail(what: impl std::fmt::Display) -> Error {
 /// Runs the tunnel benchmark once and prints its figures.
 pub fn run() -> Result<(), Error> {
     eprintln!("bench tunnel: running {TEST} (site, image, tenant, one nspawn node: ~6 min)");
-    let out = Command::new("cargo")
+    let out = crate::steps::cargo()
         .current_dir(workspace_root())
         .args(["test", "-p", "tether-vm-tests", "--test", "site", "--"])
         .args(["--ignored", "--exact", TEST, "--nocapture"])

@@ -41,8 +41,21 @@ pub struct Worker {
     ready: bool,
 }
 
+/// vCPUs per VM: the host's cores shared out, at least one. TCG VMs whose vCPUs outnumber
+/// the cores starve each other: two 2-vCPU workers on 2 cores hit soft lockups of up to
+/// 115 s in the kubelet and one never turned Ready (measured).
+pub fn vcpus(workers: u32) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    vcpus_for(cores, workers)
+}
+
+fn vcpus_for(cores: u32, workers: u32) -> u32 {
+    (cores / workers.max(1)).clamp(1, 2)
+}
+
 /// Powers on `count` workers.
 pub fn power_on(site: &Site, count: u32, boot: &Boot) -> Result<Vec<Worker>, Error> {
+    let vcpus = vcpus(count);
     (1..=count)
         .map(|i| {
             let name = format!("worker-{i}");
@@ -51,6 +64,7 @@ pub fn power_on(site: &Site, count: u32, boot: &Boot) -> Result<Vec<Worker>, Err
             let vm = match boot {
                 Boot::Pxe => site
                     .vm_on_segment(&name, &mac, MEMORY_MIB)
+                    .vcpus(vcpus)
                     .args(["-boot", "n"])
                     .spawn()
                     .map_err(Error::from)?,
@@ -68,12 +82,12 @@ pub fn power_on(site: &Site, count: u32, boot: &Boot) -> Result<Vec<Worker>, Err
                     let seed = site
                         .cidata_volume(&format!("{name}-cidata"), &user_data)
                         .map_err(step_err)?;
-                    site.disk_vm(&name, &mac, MEMORY_MIB, disk, &seed)
+                    site.disk_vm(&name, &mac, MEMORY_MIB, vcpus, disk, &seed)
                         .map_err(step_err)?
                 }
             };
             println!(
-                "    {name}: qemu pid {}, MAC {mac}, Machine {}, serial log {}",
+                "    {name}: qemu pid {}, {vcpus} vCPU, MAC {mac}, Machine {}, serial log {}",
                 vm.pid(),
                 machine_of(&mac),
                 vm.serial_path().display()
@@ -210,7 +224,26 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::listing;
+    use super::{listing, vcpus_for};
+
+    #[test]
+    fn vcpus_share_the_cores_out_one_to_two_each() {
+        for (cores, workers, want) in [
+            (2, 1, 2),
+            (2, 2, 1),
+            (2, 3, 1),
+            (8, 2, 2),
+            (4, 2, 2),
+            (1, 1, 1),
+            (2, 0, 2),
+        ] {
+            assert_eq!(
+                vcpus_for(cores, workers),
+                want,
+                "{cores} cores, {workers} workers"
+            );
+        }
+    }
 
     #[test]
     fn listing_reads_name_value_lines_and_treats_errors_as_empty() {

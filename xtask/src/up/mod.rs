@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use tether_testkit::qemu::Vm;
 use tether_upstream::Pins;
+use tether_vm_tests::image::Built;
 use tether_vm_tests::node::{Tenant, push_store};
 use tether_vm_tests::site::{Site, SiteConfig};
 
@@ -113,9 +114,42 @@ pub fn run(opts: Options) -> Result<(), Error> {
             site,
         })
     })?;
-    let site = &running.site;
-    interrupt::check("site")?;
+    let result = bring_up(&mut running, &opts, built, &run_dir, total);
+    if result.is_err() {
+        println!("    failed (the error follows below); tearing down");
+    }
+    let namespace = running.namespace.clone();
+    timed("teardown", || {
+        drop(running);
+        let left = workdir::leftovers(&run_dir, &[namespace]);
+        if left.is_empty() {
+            println!("    nothing left: no qemu, no process, no namespace, no mount");
+            Ok(())
+        } else {
+            Err(Error::Step {
+                step: "teardown".into(),
+                detail: format!("left behind:\n{}", left.join("\n")),
+            })
+        }
+    })?;
+    println!(
+        "logs stay in {} until the next `cargo xtask up`",
+        run_dir.display()
+    );
+    result
+}
 
+/// Everything after the site: the tenant, the store, the workers, the Deployment, the
+/// report, and (without `--exit`) the wait for Ctrl-C.
+fn bring_up(
+    running: &mut Running,
+    opts: &Options,
+    built: &'static Built,
+    run_dir: &Path,
+    total: Instant,
+) -> Result<(), Error> {
+    interrupt::check("site")?;
+    let site = &running.site;
     let tenant = timed("tenant control plane `quickstart`", || {
         Tenant::try_create(site, NAME, Duration::from_secs(180)).map_err(|e| Error::Step {
             step: "tenant".into(),
@@ -143,52 +177,32 @@ pub fn run(opts: Options) -> Result<(), Error> {
     } else {
         Boot::Pxe
     };
-    let workers = timed(
+    running.workers = timed(
         &format!(
             "WorkerPool `{NAME}` ({} replicas) and its VMs",
             opts.workers
         ),
         || {
-            apply(site, &run_dir, "workerpool", &worker_pool(opts.workers))?;
+            apply(site, run_dir, "workerpool", &worker_pool(opts.workers))?;
             machines::power_on(site, opts.workers, &boot)
         },
     )?;
-    running.workers = workers;
-    let Running { site, workers, .. } = &mut running;
+    let Running { site, workers, .. } = running;
     timed(
         "workers: boot, enroll, claim, install, join, Node Ready",
         || machines::wait_ready(site, &tenant, workers, WORKERS_TIMEOUT),
     )?;
     if opts.workers > 0 {
         timed("Deployment `hello`", || {
-            deploy_hello(&tenant, &run_dir, opts.workers)
+            deploy_hello(&tenant, run_dir, opts.workers)
         })?;
     }
-    report(&tenant, workers, &run_dir, total.elapsed());
-
+    report(&tenant, workers, run_dir, total.elapsed());
     if !opts.exit {
         println!("\nrunning; Ctrl-C tears it all down");
         wait_interrupt(site, workers)?;
         println!();
     }
-    let namespace = running.namespace.clone();
-    timed("teardown", || {
-        drop(running);
-        let left = workdir::leftovers(&run_dir, &[namespace]);
-        if left.is_empty() {
-            println!("    nothing left: no qemu, no process, no namespace, no mount");
-            Ok(())
-        } else {
-            Err(Error::Step {
-                step: "teardown".into(),
-                detail: format!("left behind:\n{}", left.join("\n")),
-            })
-        }
-    })?;
-    println!(
-        "logs stay in {} until the next `cargo xtask up`",
-        run_dir.display()
-    );
     Ok(())
 }
 
