@@ -42,7 +42,7 @@ enum Command {
     /// The local quickstart: management plane, tenant control plane, PXE-booted workers.
     Up {
         /// Worker VMs (qemu, TCG) to boot and join.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=254))]
         workers: u32,
         /// Boot the workers from `disk.raw` with a NoCloud seed instead of PXE.
         #[arg(long)]

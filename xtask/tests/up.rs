@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 /// The whole test's bound: two runs, one of them to Ready under TCG.
@@ -90,12 +91,13 @@ fn up_after_a_killed_up_joins_one_worker_and_leaves_nothing() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("run cargo xtask up");
+    let lines = lines_of(first.stdout.take().unwrap(), "up#1");
     let mut seen = Vec::new();
-    for line in BufReader::new(first.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        eprintln!("up#1 | {line}");
-        seen.push(line.clone());
-        if line.starts_with("==> workers:") || started.elapsed() > TIMEOUT {
+    let deadline = Instant::now() + TIMEOUT;
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let powered_on = line.starts_with("==> workers:");
+        seen.push(line);
+        if powered_on {
             break;
         }
     }
@@ -120,14 +122,13 @@ fn up_after_a_killed_up_joins_one_worker_and_leaves_nothing() {
         .unwrap();
     let out = wait_with_timeout(out, TIMEOUT.saturating_sub(started.elapsed()));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    eprintln!("{stdout}");
     assert!(
         out.status.success(),
         "up --workers 1 --exit: {}",
         out.status
     );
     assert!(
-        stdout.contains("cleaned up after an earlier run"),
+        stdout.contains("cleaned up after an earlier run that did not finish: killed"),
         "the second run says it cleaned up"
     );
     let nodes: Vec<&str> = stdout
@@ -163,34 +164,53 @@ fn up_after_a_killed_up_joins_one_worker_and_leaves_nothing() {
     eprintln!("both runs in {:?}", started.elapsed());
 }
 
-fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap_or_default();
-            eprintln!("up#2 | {line}");
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
+/// Each line of `out`, echoed to stderr with `tag`, as it comes.
+fn lines_of(out: impl std::io::Read + Send + 'static, tag: &'static str) -> Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{tag} | {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        buf
     });
+    rx
+}
+
+fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
+    let lines = lines_of(child.stdout.take().unwrap(), "up#2");
     let deadline = Instant::now() + timeout;
+    let mut stdout = String::new();
     let status = loop {
+        while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
-            // SIGTERM: `up` tears down what it made, then exits.
+            // SIGTERM: `up` tears down what it made, then exits; SIGKILL if it does not.
             let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let grace = Instant::now() + Duration::from_secs(120);
+            while child.try_wait().unwrap().is_none() && Instant::now() < grace {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let _ = child.kill();
             let status = child.wait().unwrap();
             panic!("up did not finish in {timeout:?} (stopped: {status})");
         }
-        std::thread::sleep(Duration::from_millis(500));
     };
+    // The rest of the output, up to the pipe's end.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
     std::process::Output {
         status,
-        stdout: reader.join().unwrap(),
+        stdout: stdout.into_bytes(),
         stderr: Vec::new(),
     }
 }

@@ -125,14 +125,7 @@ pub fn wait_ready(
         interrupt::check("workers")?;
         site.check_running().map_err(step_err)?;
         for w in workers.iter_mut() {
-            if let Some(status) = w.vm.exited() {
-                return Err(step_err(format!(
-                    "{} (qemu) exited ({status}); its serial log {}:\n{}",
-                    w.name,
-                    w.vm.serial_path().display(),
-                    tail(&w.vm.console(), 30)
-                )));
-            }
+            w.check_alive("workers")?;
             w.console_steps();
         }
         // The API servers once a second: each poll is two kubectl runs on a busy machine.
@@ -191,6 +184,22 @@ fn listing(out: Result<String, String>) -> BTreeMap<String, String> {
 }
 
 impl Worker {
+    /// Fails, naming `phase`, the serial log and its tail, if qemu has exited.
+    pub fn check_alive(&mut self, phase: &str) -> Result<(), Error> {
+        match self.vm.exited() {
+            None => Ok(()),
+            Some(status) => Err(Error::Step {
+                step: phase.into(),
+                detail: format!(
+                    "{} (qemu) exited ({status}); its serial log {}:\n{}",
+                    self.name,
+                    self.vm.serial_path().display(),
+                    tail(&self.vm.console(), 30)
+                ),
+            }),
+        }
+    }
+
     fn record(&mut self, step: String) {
         let at = self.vm.elapsed();
         println!("    {:<9} {:>7}  {step}", self.name, fmt_duration(at));

@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 use tether_testkit::qemu::Vm;
 use tether_upstream::Pins;
 use tether_vm_tests::image::Built;
-use tether_vm_tests::node::{Tenant, push_store};
+use tether_vm_tests::node::{Tenant, push_store, worker_pool_yaml};
 use tether_vm_tests::site::{Site, SiteConfig};
 
 use crate::deps;
 use crate::error::Error;
-use crate::steps::{fmt_duration, run as run_step, timed, workspace_root};
+use crate::steps::{fmt_duration, run as run_step, timed};
 use machines::{Boot, Worker};
 
 /// The tenant, its pool and its Deployment are all called this (namespace `default`).
@@ -75,22 +75,23 @@ impl Drop for Running {
 pub fn run(opts: Options) -> Result<(), Error> {
     interrupt::install()?;
     let total = Instant::now();
+    // First the lock: a second `up` stops before it installs or builds anything.
+    let dir = workdir::WorkDir::claim()?;
     timed("deps", || deps::run(true).map(|_| ()))?;
     timed("build tether (cargo build --workspace --bins)", || {
         run_step("build", "cargo", &["build", "--workspace", "--bins"])
     })?;
-    let dir = timed(
-        "up directory (cleans up after an earlier run)",
-        workdir::WorkDir::claim,
-    )?;
+    timed("up directory (cleans up after an earlier run)", || {
+        dir.fresh_run()
+    })?;
     let run_dir = dir.run();
     let built = timed("node image", || image::ensure(&dir.root, opts.cloud_init))?;
     // The site keeps a reference for its whole life, which is this process's.
     let built: &'static _ = Box::leak(Box::new(built));
     interrupt::check("node image")?;
 
-    let mut running = timed("site: segment, management plane, tether-pxe", || {
-        let bins = workspace_root().join("target/debug");
+    let started = timed("site: segment, management plane, tether-pxe", || {
+        let bins = workdir::target_dir().join("debug");
         let site = Site::start_with(SiteConfig {
             dir: run_dir.clone(),
             image: built,
@@ -113,30 +114,64 @@ pub fn run(opts: Options) -> Result<(), Error> {
             namespace: site.namespace(),
             site,
         })
-    })?;
-    let result = bring_up(&mut running, &opts, built, &run_dir, total);
+    });
+    let (running, result) = match started {
+        Ok(mut running) => {
+            let result = bring_up(&mut running, &opts, built, &run_dir, total);
+            (Some(running), result)
+        }
+        Err(e) => (None, Err(e)),
+    };
+    let result = result.map_err(|e| {
+        if interrupt::interrupted() {
+            Error::Step {
+                step: "up".into(),
+                detail: format!("interrupted (Ctrl-C or SIGTERM): {e}"),
+            }
+        } else {
+            e
+        }
+    });
     if result.is_err() {
         println!("    failed (the error follows below); tearing down");
     }
-    let namespace = running.namespace.clone();
-    timed("teardown", || {
-        drop(running);
-        let left = workdir::leftovers(&run_dir, &[namespace]);
-        if left.is_empty() {
-            println!("    nothing left: no qemu, no process, no namespace, no mount");
-            Ok(())
-        } else {
-            Err(Error::Step {
-                step: "teardown".into(),
-                detail: format!("left behind:\n{}", left.join("\n")),
-            })
-        }
-    })?;
+    let torn_down = timed("teardown", || teardown(running, &dir));
     println!(
         "logs stay in {} until the next `cargo xtask up`",
         run_dir.display()
     );
-    result
+    match (result, torn_down) {
+        (Err(Error::Step { step, detail }), Err(left)) => Err(Error::Step {
+            step,
+            detail: format!("{detail}\n\nand the teardown: {left}"),
+        }),
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// Stops the VMs, tether-pxe, the management plane and the segment; kills what the
+/// management plane's pidfiles still name (its supervised processes sit in process groups
+/// of their own); fails with whatever is still there.
+fn teardown(running: Option<Running>, dir: &workdir::WorkDir) -> Result<(), Error> {
+    let namespaces: Vec<String> = running.iter().map(|r| r.namespace.clone()).collect();
+    drop(running);
+    let killed = dir.reap_run_pidfiles();
+    let mut left = workdir::leftovers(&dir.root, &namespaces);
+    if killed > 0 {
+        left.push(format!(
+            "{killed} processes of the management plane outlived its stop (killed now)"
+        ));
+    }
+    if left.is_empty() {
+        println!("    nothing left: no qemu, no process, no namespace, no mount");
+        Ok(())
+    } else {
+        Err(Error::Step {
+            step: "teardown".into(),
+            detail: format!("left behind:\n{}", left.join("\n")),
+        })
+    }
 }
 
 /// Everything after the site: the tenant, the store, the workers, the Deployment, the
@@ -183,7 +218,8 @@ fn bring_up(
             opts.workers
         ),
         || {
-            apply(site, run_dir, "workerpool", &worker_pool(opts.workers))?;
+            let pool = worker_pool_yaml(NAME, NAME, opts.workers, None, None, "{}");
+            apply(&|a| site.kubectl(a), run_dir, "workerpool", &pool)?;
             machines::power_on(site, opts.workers, &boot)
         },
     )?;
@@ -206,24 +242,20 @@ fn bring_up(
     Ok(())
 }
 
-/// The WorkerPool: `replicas` machines of any the site has, joined to the tenant.
-fn worker_pool(replicas: u32) -> String {
-    format!(
-        "apiVersion: tether.dev/v1alpha1\nkind: WorkerPool\n\
-         metadata: {{name: {NAME}, namespace: default}}\n\
-         spec:\n  controlPlaneRef: {{name: {NAME}}}\n  replicas: {replicas}\n\
-         \x20 machineSelector: {{}}\n"
-    )
-}
-
-/// `kubectl apply` of `yaml`, written to `<dir>/<file>.yaml` first (so the user can read it).
-fn apply(site: &Site, dir: &Path, file: &str, yaml: &str) -> Result<(), Error> {
+/// `kubectl apply` of `yaml` with `kubectl`, written to `<dir>/<file>.yaml` first (so the
+/// user can read it).
+fn apply(
+    kubectl: &dyn Fn(&[&str]) -> Result<String, String>,
+    dir: &Path,
+    file: &str,
+    yaml: &str,
+) -> Result<(), Error> {
     let path = dir.join(format!("{file}.yaml"));
     std::fs::write(&path, yaml).map_err(|e| Error::Step {
         step: file.into(),
         detail: format!("write {}: {e}", path.display()),
     })?;
-    site.kubectl(&["apply", "-f", &path.display().to_string()])
+    kubectl(&["apply", "-f", &path.display().to_string()])
         .map(drop)
         .map_err(|detail| Error::Step {
             step: format!("apply {}", path.display()),
@@ -248,15 +280,11 @@ fn deploy_hello(tenant: &Tenant, dir: &Path, replicas: u32) -> Result<(), Error>
          && exec httpd -f -p 8080 -h /www']\n\
          \x20       readinessProbe: {{httpGet: {{port: 8080, path: /}}, periodSeconds: 2}}\n"
     );
-    let path = dir.join("hello.yaml");
     let step = |detail: String| Error::Step {
         step: "Deployment hello".into(),
         detail,
     };
-    std::fs::write(&path, yaml).map_err(|e| step(format!("write {}: {e}", path.display())))?;
-    tenant
-        .kubectl(&["apply", "-f", &path.display().to_string()])
-        .map_err(step)?;
+    apply(&|a| tenant.kubectl(a), dir, "hello", &yaml)?;
     let want = replicas.to_string();
     tenant
         .wait(
@@ -325,16 +353,7 @@ fn wait_interrupt(site: &Site, workers: &mut [Worker]) -> Result<(), Error> {
             detail,
         })?;
         for w in workers.iter_mut() {
-            if let Some(status) = w.vm.exited() {
-                return Err(Error::Step {
-                    step: "running".into(),
-                    detail: format!(
-                        "{} (qemu) exited ({status}); serial log {}",
-                        w.name,
-                        w.vm.serial_path().display()
-                    ),
-                });
-            }
+            w.check_alive("running")?;
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -7,7 +7,8 @@
 //! - `run/`: this run's site — the management plane's data, logs, serial consoles. A new
 //!   run first kills whatever a killed run left (the testkit's records of process groups and
 //!   namespaces, then the pidfiles of the management plane's and tenants' processes), then
-//!   replaces `run/`: machines enroll afresh against a new segment address every run.
+//!   replaces `run/`: machines enroll afresh against a new segment address every run. The
+//!   teardown runs the same pidfile reaping as a backstop.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -26,11 +27,11 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
-    /// Takes the lock, reaps a killed run's leftovers and makes an empty `run/`.
+    /// Takes the lock, so that a second `up` stops before it installs or builds anything.
     pub fn claim() -> Result<WorkDir, Error> {
         let root = std::env::var_os(DIR_ENV)
             .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target/tether-up"));
+            .unwrap_or_else(|| target_dir().join("tether-up"));
         fs::create_dir_all(&root).map_err(|e| err("create", &root, e))?;
         let root = root.canonicalize().map_err(|e| err("resolve", &root, e))?;
         let lock_path = root.join("lock");
@@ -40,21 +41,14 @@ impl WorkDir {
             .write(true)
             .open(&lock_path)
             .map_err(|e| err("open", &lock_path, e))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::Usage(format!(
+        match lock.try_lock() {
+            Ok(()) => Ok(WorkDir { root, _lock: lock }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Usage(format!(
                 "another `cargo xtask up` holds {} — stop it first (Ctrl-C)",
                 lock_path.display()
-            )));
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(err("lock", &lock_path, e)),
         }
-        let dir = WorkDir { root, _lock: lock };
-        let reaped = dir.reap_leftovers()?;
-        if reaped > 0 {
-            println!(
-                "    cleaned up after an earlier run that did not finish ({reaped} process groups)"
-            );
-        }
-        fs::create_dir_all(dir.run()).map_err(|e| err("create", &dir.run(), e))?;
-        Ok(dir)
     }
 
     /// This run's site directory.
@@ -62,22 +56,40 @@ impl WorkDir {
         self.root.join("run")
     }
 
-    /// Kills what an earlier run left behind and removes its `run/`; the number of the
-    /// management plane's process groups it found still running.
-    fn reap_leftovers(&self) -> Result<usize, Error> {
+    /// Kills what an earlier run left behind and makes an empty `run/`.
+    pub fn fresh_run(&self) -> Result<(), Error> {
         // qemu, tether-pxe, dnsmasq, the operator; the segment's namespace.
         tether_testkit::state::reap_stale();
-        let run = self.run();
-        let mut found = 0;
-        for pids in run_dirs(&run) {
-            found += live_pidfiles(&pids);
-            tether_operator::controlplane::runtime::supervisor::reap_pidfiles(&pids);
+        let killed = self.reap_run_pidfiles();
+        if killed > 0 {
+            println!(
+                "    cleaned up after an earlier run that did not finish: killed {killed} \
+                 processes of its management plane and tenants"
+            );
         }
+        let run = self.run();
         if run.exists() {
             fs::remove_dir_all(&run).map_err(|e| err("remove", &run, e))?;
         }
-        Ok(found)
+        fs::create_dir_all(&run).map_err(|e| err("create", &run, e))
     }
+
+    /// Kills the processes the pidfiles below `run/` name (the management plane's and the
+    /// tenants' supervised processes, in process groups of their own that outlive a killed
+    /// operator); how many.
+    pub fn reap_run_pidfiles(&self) -> usize {
+        run_dirs(&self.run())
+            .iter()
+            .map(|d| tether_operator::controlplane::runtime::supervisor::reap_pidfiles(d))
+            .sum()
+    }
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR`, else `target/` in the workspace).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn err(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -105,24 +117,16 @@ fn run_dirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Pidfiles in `dir` whose process still exists.
-fn live_pidfiles(dir: &Path) -> usize {
-    fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
-        .filter_map(|e| fs::read_to_string(e.path()).ok())
-        .filter_map(|t| t.split_whitespace().next().map(str::to_string))
-        .filter(|pid| Path::new("/proc").join(pid).exists())
-        .count()
-}
-
-/// What of a run is still there after teardown: processes whose command line names `dir`,
-/// mounts below it, and the network namespaces in `namespaces` (empty when all is gone).
+/// What of a run is still there after teardown: processes of the programs `up` runs
+/// whose command line names `dir`, mounts below it, and the network namespaces in
+/// `namespaces` (empty when all is gone). A `tail -f` of a serial log is not a leftover.
 pub fn leftovers(dir: &Path, namespaces: &[String]) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
     let me = std::process::id().to_string();
+    let programs = [
+        target_dir(),
+        tether_upstream::Cache::from_env().root().to_path_buf(),
+    ];
     let mut out = Vec::new();
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let pid = e.file_name().to_string_lossy().into_owned();
@@ -131,7 +135,8 @@ pub fn leftovers(dir: &Path, namespaces: &[String]) -> Vec<String> {
         }
         let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) {
+        let exe = fs::read_link(e.path().join("exe")).unwrap_or_default();
+        if cmdline.contains(&needle) && is_ours(&exe, &programs) {
             out.push(format!("process {pid}: {}", cmdline.trim()));
         }
     }
@@ -162,12 +167,20 @@ pub fn leftovers(dir: &Path, namespaces: &[String]) -> Vec<String> {
     out
 }
 
+/// A program `up` runs: built here or cached, qemu, dnsmasq.
+fn is_ours(exe: &Path, programs: &[PathBuf]) -> bool {
+    let name = exe.file_name().unwrap_or_default().to_string_lossy();
+    programs.iter().any(|p| exe.starts_with(p))
+        || name.starts_with("qemu-system")
+        || name == "dnsmasq"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn run_dirs_are_found_at_any_depth_and_pidfiles_of_the_dead_do_not_count() {
+    fn run_dirs_are_found_at_any_depth() {
         let t = tempfile::tempdir().unwrap();
         let a = t.path().join("management/run");
         let b = t.path().join("tenants/default-q/run");
@@ -177,32 +190,64 @@ mod tests {
         let mut found = run_dirs(t.path());
         found.sort();
         assert_eq!(found, vec![a.clone(), b.clone()]);
-        fs::write(a.join("etcd.pid"), format!("{} 1\n", std::process::id())).unwrap();
-        fs::write(b.join("api.pid"), "4194304 1\n").unwrap();
-        fs::write(b.join("notes.txt"), "1\n").unwrap();
-        assert_eq!(live_pidfiles(&a), 1);
-        assert_eq!(live_pidfiles(&b), 0);
     }
 
     #[test]
-    fn leftovers_finds_a_process_naming_the_directory_and_nothing_else() {
+    fn ours_are_the_programs_up_runs() {
+        let programs = [
+            PathBuf::from("/w/target"),
+            PathBuf::from("/root/.cache/tether"),
+        ];
+        for (exe, want) in [
+            ("/w/target/debug/tether-operator", true),
+            ("/root/.cache/tether/bin/etcd/v3.6.16/etcd", true),
+            ("/usr/bin/qemu-system-x86_64", true),
+            ("/usr/sbin/dnsmasq", true),
+            ("/usr/bin/tail", false),
+            ("/usr/bin/less", false),
+            ("", false),
+        ] {
+            assert_eq!(is_ours(Path::new(exe), &programs), want, "{exe}");
+        }
+    }
+
+    #[test]
+    fn leftovers_finds_a_process_of_ours_naming_the_directory() {
         let t = tempfile::tempdir().unwrap();
         assert_eq!(leftovers(t.path(), &[]), Vec::<String>::new());
-        // `sh -c '…; true' <path>`: the shell (not exec'd away) carries the path as $0.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; true"])
-            .arg(t.path().join("marker"))
-            .spawn()
-            .unwrap();
+        // A copy of `sh` under the target directory counts as ours; `sh` itself not. Each
+        // runs `sleep 30; true` (not exec'd away) with the marker path as its $0.
+        let ours = target_dir().join(format!("leftover-test-{}", std::process::id()));
+        fs::copy("/bin/sh", &ours).unwrap();
+        let marker = t.path().join("marker");
+        let spawn = |program: &Path| {
+            std::process::Command::new(program)
+                .args(["-c", "sleep 30; true"])
+                .arg(&marker)
+                .spawn()
+                .unwrap()
+        };
+        let mut theirs = spawn(Path::new("/bin/sh"));
+        let mut child = spawn(&ours);
         // `spawn` returns once exec began, a moment before the kernel shows the new command
-        // line: wait for it.
-        let cmdline = format!("/proc/{}/cmdline", child.id());
-        while !std::fs::read(&cmdline).is_ok_and(|c| c.ends_with(b"marker\0")) {
-            std::thread::yield_now();
+        // line: wait for it (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for pid in [child.id(), theirs.id()] {
+            let cmdline = format!("/proc/{pid}/cmdline");
+            while !fs::read(&cmdline).is_ok_and(|c| c.ends_with(b"marker\0")) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{cmdline} never named the marker"
+                );
+                std::thread::yield_now();
+            }
         }
         let found = leftovers(t.path(), &["tt-no-such-namespace".into()]);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        for c in [&mut child, &mut theirs] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        let _ = fs::remove_file(&ours);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(
             found[0].starts_with(&format!("process {}:", child.id())),

@@ -71,11 +71,13 @@ pub fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Kills the process groups recorded in `run_dir/*.pid` whose identity still matches.
-pub fn reap_pidfiles(run_dir: &Path) {
+/// Kills the process groups recorded in `run_dir/*.pid` whose identity still matches;
+/// how many it killed.
+pub fn reap_pidfiles(run_dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(run_dir) else {
-        return;
+        return 0;
     };
+    let mut killed = 0;
     for e in entries.flatten() {
         let path = e.path();
         if path.extension().is_none_or(|x| x != "pid") {
@@ -90,10 +92,12 @@ pub fn reap_pidfiles(run_dir: &Path) {
             {
                 tracing::info!(pid, file = %path.display(), "killing process left by a previous operator");
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                killed += 1;
             }
         }
         let _ = fs::remove_file(&path);
     }
+    killed
 }
 
 /// Starts supervising `binary args` with `env` in `dir` (logs in `dir/logs`, pidfile in
@@ -217,7 +221,7 @@ mod tests {
         let pid = child.id();
         // Wrong start time: must survive and the pidfile must go.
         fs::write(dir.path().join("x.pid"), format!("{pid} 1\n")).unwrap();
-        reap_pidfiles(dir.path());
+        assert_eq!(reap_pidfiles(dir.path()), 0);
         assert!(child.try_wait().unwrap().is_none());
         assert!(!dir.path().join("x.pid").exists());
         child.kill().unwrap();
@@ -236,7 +240,7 @@ mod tests {
         let pid = child.id();
         let st = start_time(pid).unwrap();
         fs::write(dir.path().join("x.pid"), format!("{pid} {st}\n")).unwrap();
-        reap_pidfiles(dir.path());
+        assert_eq!(reap_pidfiles(dir.path()), 1);
         let status = child.wait().unwrap();
         assert!(!status.success());
     }

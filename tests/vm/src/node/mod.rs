@@ -147,30 +147,51 @@ pub fn apply_pool(
     version: Option<&str>,
     macs: &[&str],
 ) {
-    let values: Vec<String> = macs
-        .iter()
-        .map(|m| m.parse::<tether_boot::Mac>().unwrap().dashed())
-        .collect();
     let file = site.dir.join(format!("{name}.wp.yaml"));
     std::fs::write(
         &file,
-        format!(
-            "apiVersion: tether.dev/v1alpha1\nkind: WorkerPool\n\
-             metadata: {{name: {name}, namespace: default}}\n\
-             spec:\n  controlPlaneRef: {{name: {tenant}}}\n  replicas: {replicas}\n\
-             \x20 labels: {{tier: test}}\n{}\
-             \x20 machineSelector:\n    matchExpressions:\n\
-             \x20   - {{key: {}, operator: In, values: [{}]}}\n",
-            version
-                .map(|v| format!("  kubernetesVersion: {v}\n"))
-                .unwrap_or_default(),
-            tether_api::machine::MAC_LABEL,
-            values.join(", ")
-        ),
+        worker_pool_yaml(tenant, name, replicas, version, Some(macs), "{tier: test}"),
     )
     .unwrap();
     site.kubectl(&["apply", "-f", &file.display().to_string()])
         .unwrap();
+}
+
+/// WorkerPool `name` (namespace `default`) of `tenant` with `replicas`, the kubelet
+/// `version` (else the tenant's), `labels` (a YAML map) on its nodes, selecting the Machines
+/// booted with `macs`, or any Machine with `None`.
+pub fn worker_pool_yaml(
+    tenant: &str,
+    name: &str,
+    replicas: u32,
+    version: Option<&str>,
+    macs: Option<&[&str]>,
+    labels: &str,
+) -> String {
+    let selector = match macs {
+        None => "  machineSelector: {}\n".to_string(),
+        Some(macs) => {
+            let values: Vec<String> = macs
+                .iter()
+                .map(|m| m.parse::<tether_boot::Mac>().unwrap().dashed())
+                .collect();
+            format!(
+                "  machineSelector:\n    matchExpressions:\n\
+                 \x20   - {{key: {}, operator: In, values: [{}]}}\n",
+                tether_api::machine::MAC_LABEL,
+                values.join(", ")
+            )
+        }
+    };
+    format!(
+        "apiVersion: tether.dev/v1alpha1\nkind: WorkerPool\n\
+         metadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  controlPlaneRef: {{name: {tenant}}}\n  replicas: {replicas}\n\
+         \x20 labels: {labels}\n{}{selector}",
+        version
+            .map(|v| format!("  kubernetesVersion: {v}\n"))
+            .unwrap_or_default(),
+    )
 }
 
 /// The Machine name of a machine that enrolled with `mac` (its MAC decides it).

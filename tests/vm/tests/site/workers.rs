@@ -281,7 +281,8 @@ async fn a_worker_pool_joins_an_nspawn_and_a_pxe_booted_machine() {
         .spawn()
         .expect("start qemu again");
     let again = Instant::now();
-    wait_machine(&client, qname, Duration::from_secs(60), |m| {
+    // Until it enrolls again (75 s into a PXE boot on a loaded machine; 60 s was too short).
+    wait_machine(&client, qname, Duration::from_secs(180), |m| {
         m.status
             .as_ref()
             .is_some_and(|s| s.phase != MachinePhase::Ready)
