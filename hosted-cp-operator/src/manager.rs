@@ -135,7 +135,7 @@ pub async fn run(
         RuntimeKind::Kubernetes => Runtime::kubernetes(client.clone()),
     };
     let served = serve(client, runtime.clone(), namespace, data_dir, machine_api).await;
-    runtime.shutdown();
+    runtime.shutdown().await;
     served
 }
 

@@ -112,11 +112,12 @@ pub async fn run(
     .await;
     tracing::info!("stopping tenants and the management plane");
     let _ = std::fs::remove_file(data_dir.join("ready"));
-    runtime.shutdown();
-    plane.datastore.shutdown();
-    plane.management.shutdown();
-    // Give supervisors time to escalate and remove pidfiles.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Tenants first, then the datastore they use, then the management API; each waits
+    // until its processes are gone (they sit in process groups of their own and would
+    // outlive the operator).
+    runtime.shutdown().await;
+    plane.datastore.shutdown().await;
+    plane.management.shutdown().await;
     served
 }
 

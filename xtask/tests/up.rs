@@ -108,7 +108,18 @@ fn up_after_a_killed_up_joins_one_worker_and_leaves_nothing() {
     );
     first.kill().unwrap();
     first.wait().unwrap();
-    let orphans = processes_naming(&dir);
+    // qemu was spawned a moment ago through `ip netns exec`: while that execs, its command
+    // line can read empty, so look again for a bounded while.
+    let looked = Instant::now();
+    let orphans = loop {
+        let found = processes_naming(&dir);
+        if found.iter().any(|p| p.contains("qemu-system"))
+            || looked.elapsed() > Duration::from_secs(10)
+        {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     eprintln!("after SIGKILL of up: {} processes left", orphans.len());
     assert!(
         orphans.iter().any(|p| p.contains("qemu-system")),

@@ -182,9 +182,9 @@ impl Runtime {
 
     /// Stops everything this operator runs (operator shutdown; a no-op for Deployments,
     /// which keep serving without the operator).
-    pub fn shutdown(&self) {
+    pub async fn shutdown(&self) {
         if let Runtime::Process(p) = self {
-            p.shutdown();
+            p.shutdown().await;
         }
     }
 }

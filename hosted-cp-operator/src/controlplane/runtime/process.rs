@@ -162,7 +162,7 @@ impl ProcessRuntime {
             return Ok(());
         }
         if let Some(old) = tenants.remove(key) {
-            stop_all(old);
+            drop(stop_all(old));
         }
         for sub in ["logs", "run", "konnectivity"] {
             let d = dir.join(sub);
@@ -214,7 +214,7 @@ impl ProcessRuntime {
             .unwrap_or_else(|e| e.into_inner())
             .remove(key);
         if let Some(old) = old {
-            stop_all(old);
+            drop(stop_all(old));
         }
         let dir = self.tenant_dir(key);
         reap_pidfiles(&dir.join("run"));
@@ -239,8 +239,9 @@ impl ProcessRuntime {
             .unwrap_or_default()
     }
 
-    /// Stops every tenant (operator shutdown); the pidfiles go with them.
-    pub fn shutdown(&self) {
+    /// Stops every tenant (operator shutdown) and waits until their processes are gone;
+    /// the pidfiles go with them.
+    pub async fn shutdown(&self) {
         let all: Vec<Running> = self
             .tenants
             .lock()
@@ -248,8 +249,9 @@ impl ProcessRuntime {
             .drain()
             .map(|(_, r)| r)
             .collect();
-        for r in all {
-            stop_all(r);
+        let stopping: Vec<_> = all.into_iter().flat_map(stop_all).collect();
+        for task in stopping {
+            let _ = task.await;
         }
     }
 }
@@ -274,11 +276,10 @@ fn lookup<'a>(secrets: &'a SecretData, secret: &str, key: &str) -> Result<&'a [u
         .ok_or_else(|| Error::Invalid(format!("Secret {secret} has no key {key}")))
 }
 
-/// Stops a tenant's components, the API server last so the others do not spin on it.
-fn stop_all(r: Running) {
-    for s in r.components.into_iter().rev() {
-        s.stop();
-    }
+/// Stops a tenant's components, the API server last so the others do not spin on it;
+/// the handles to await their end.
+fn stop_all(r: Running) -> Vec<tokio::task::JoinHandle<()>> {
+    r.components.into_iter().rev().map(|s| s.stop()).collect()
 }
 
 #[cfg(test)]

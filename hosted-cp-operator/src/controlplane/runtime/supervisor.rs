@@ -42,13 +42,14 @@ impl Supervisor {
     }
 
     /// Asks the child to stop (SIGTERM to its group); the task escalates to SIGKILL after a
-    /// grace period and removes the pidfile, detached.
-    pub fn stop(self) {
+    /// grace period and removes the pidfile. Await the handle to know the child is gone
+    /// (a shutting-down operator must, or its children outlive it); drop it to go on.
+    pub fn stop(self) -> tokio::task::JoinHandle<()> {
         let _ = self.stop.send(true);
         if let Some(pid) = self.pid() {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
-        drop(self.task);
+        self.task
     }
 }
 
