@@ -62,7 +62,8 @@ impl Tenant {
                 .map_err(|e| format!("admin kubeconfig: not base64: {e}"))?
         };
         let admin = site.dir.join(format!("{name}.kubeconfig"));
-        write_private(&admin, &admin_kubeconfig)?;
+        // Owner-only, whole or not at all: the operator's own writer for credentials.
+        tether_operator::fs::write_atomic(&admin, &admin_kubeconfig).map_err(|e| e.to_string())?;
         Ok(Tenant {
             name: name.to_string(),
             endpoint: get(&format!("tcp/{name}"), "{.status.endpoint}")?,
@@ -225,24 +226,6 @@ pub fn push_store(site: &Site) -> Result<String, String> {
     tether_image::node_artifacts::push_all(&store, &Pins::default(), &work)
         .map_err(|e| format!("push the node artifacts: {e}"))?;
     Ok(store)
-}
-
-/// Writes `contents` to `path`, readable by its owner only (an older, wider file is
-/// narrowed first: `mode` applies to new files only).
-pub fn write_private(path: &std::path::Path, contents: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| {
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            f.write_all(contents)
-        })
-        .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// One GET the artifact store served, from its access log.
