@@ -431,6 +431,7 @@ async fn new_installer(
         http,
         progress: progress.clone(),
         verified: Default::default(),
+        sandbox_seen: Default::default(),
     })
 }
 

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use super::download::{self, Outcome, Want};
 use super::plan::{self, Host};
+use super::verified::Verified;
 use super::{Layout, own_node, routes, wipe};
 use crate::error::{Error, Result};
 use crate::systemd::Systemd;
@@ -90,31 +91,12 @@ pub struct Installer {
     pub http: reqwest::Client,
     /// What the agent reports.
     pub progress: watch::Sender<Progress>,
-    /// Files this process verified, by what they looked like then: a pass over an
-    /// installed node does not hash 170 MB again (a restart does, once).
-    pub verified: std::sync::Mutex<std::collections::HashMap<PathBuf, Stamp>>,
-}
-
-/// A verified file as it was: digest, size, modification time, inode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp {
-    sha256: String,
-    len: u64,
-    modified: Option<std::time::SystemTime>,
-    ino: u64,
-}
-
-impl Stamp {
-    fn of(path: &Path, sha256: &str) -> Option<Stamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(Stamp {
-            sha256: sha256.to_string(),
-            len: m.len(),
-            modified: m.modified().ok(),
-            ino: m.ino(),
-        })
-    }
+    /// Files this process verified by digest.
+    pub verified: Verified,
+    /// The sandbox image this process last saw in containerd: a pass does not run `ctr`
+    /// again (1–2 s of a TCG vCPU, every second while the node waits on the tenant).
+    /// Forgotten when the node is wiped.
+    pub sandbox_seen: std::sync::Mutex<Option<String>>,
 }
 
 impl Installer {
@@ -139,7 +121,7 @@ impl Installer {
         let held = marker.as_deref().map(str::trim).filter(|t| !t.is_empty());
         let Some(join) = join else {
             if held.is_some() {
-                wipe::wipe(&self.root, &self.layout, &self.systemd).await?;
+                self.wipe().await?;
             }
             self.progress.send_modify(|p| {
                 *p = Progress {
@@ -151,7 +133,7 @@ impl Installer {
         };
         if let Some(other) = held.filter(|t| *t != join.tenant) {
             tracing::warn!(%other, "the node holds another tenant's software: wiping it first");
-            wipe::wipe(&self.root, &self.layout, &self.systemd).await?;
+            self.wipe().await?;
         }
         match self.install(join).await {
             Ok(c) => Ok(c),
@@ -257,6 +239,12 @@ impl Installer {
         Ok(Converged::Done)
     }
 
+    /// Removes everything of the tenant, and what this process remembers of it.
+    async fn wipe(&self) -> Result<()> {
+        *self.sandbox_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        wipe::wipe(&self.root, &self.layout, &self.systemd).await
+    }
+
     /// Writes `f` when its bytes differ; whether it did.
     fn write(&self, f: &plan::File) -> Result<bool> {
         let path = self.path(&f.path);
@@ -270,21 +258,12 @@ impl Installer {
     async fn download(&self, join: &Join) -> Result<()> {
         for a in &join.artifacts {
             let dest = self.path(&plan::artifact_path(&self.layout, a));
-            let known = self
-                .verified
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&dest)
-                .cloned();
-            if known.is_some() && known == Stamp::of(&dest, &a.sha256) {
-                continue;
-            }
             let want = Want {
                 url: &a.url,
                 sha256: &a.sha256,
                 size: a.size,
             };
-            match download::fetch(&self.http, &want, &dest).await? {
+            match download::fetch_verified(&self.http, &want, &dest, &self.verified).await? {
                 Outcome::AlreadyPresent => {}
                 Outcome::Downloaded {
                     fetched,
@@ -313,15 +292,20 @@ impl Installer {
         if !archive.exists() {
             return Ok(());
         }
-        let ctr = self.path(&self.layout.bin("ctr"));
-        let name = format!("name=={}", join.containerd.sandbox_image);
-        let listed = super::run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
-        if String::from_utf8_lossy(&listed).trim() == join.containerd.sandbox_image {
+        let image = &join.containerd.sandbox_image;
+        let seen = || self.sandbox_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen().as_ref() == Some(image) {
             return Ok(());
         }
-        let archive = archive.to_string_lossy().into_owned();
-        super::run(&ctr, &["-n", "k8s.io", "images", "import", &archive]).await?;
-        tracing::info!(image = %join.containerd.sandbox_image, "pause imported from the image");
+        let ctr = self.path(&self.layout.bin("ctr"));
+        let name = format!("name=={image}");
+        let listed = super::run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
+        if String::from_utf8_lossy(&listed).trim() != image {
+            let archive = archive.to_string_lossy().into_owned();
+            super::run(&ctr, &["-n", "k8s.io", "images", "import", &archive]).await?;
+            tracing::info!(image = %image, "pause imported from the image");
+        }
+        *seen() = Some(image.clone());
         Ok(())
     }
 }

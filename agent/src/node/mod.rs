@@ -2,7 +2,8 @@
 //!
 //! - Pure renderers with table tests: [`containerd`], [`kubelet`], [`cni`] (the files each
 //!   reads) and [`plan`] (every file of a join, where binaries go, what a change restarts);
-//! - edges: [`download`] (resumable, verified downloads from the store), [`install`] (the
+//! - edges: [`download`] (resumable, verified downloads from the store; [`verified`] keeps
+//!   a pass from hashing them again), [`install`] (the
 //!   named steps from a desired join to a Ready Node), [`own_node`] (the Node as the kubelet
 //!   sees it), [`routes`] (host-gw routes), [`wipe`] (everything of a tenant gone).
 
@@ -14,6 +15,7 @@ pub mod kubelet;
 pub mod own_node;
 pub mod plan;
 pub mod routes;
+pub mod verified;
 pub mod wipe;
 
 /// Where the node runtime lives. The image's `/usr` and `/opt` are read-only, so binaries
