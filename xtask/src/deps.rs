@@ -8,7 +8,7 @@ use std::process::Command;
 use tether_upstream::{BuildReport, Builder, Cache, Pins, debian};
 
 use crate::error::Error;
-use crate::steps::{fmt_duration, timed};
+use crate::steps::{fmt_duration, timed, with_heartbeat};
 
 /// Installs missing Debian packages (when `apt`), builds missing or corrupt upstream
 /// binaries, and refreshes the PATH directory of symlinks. Idempotent; a warm run only
@@ -42,8 +42,12 @@ pub fn run(apt: bool) -> Result<Vec<BuildReport>, Error> {
     let builder = Builder::new(Cache::from_env());
     let mut reports = Vec::new();
     for (component, version) in Pins::default().defaults()? {
-        let report = timed(&format!("{} {version}", component.name()), || {
-            Ok(builder.ensure(component, &version)?)
+        let name = format!("{} {version}", component.name());
+        let report = timed(&name, || {
+            let label = format!("building {name} with go (cached after this)");
+            Ok(with_heartbeat(&label, || {
+                builder.ensure(component, &version)
+            })?)
         })?;
         println!(
             "    {} ({})",

@@ -20,6 +20,29 @@ pub fn timed<T>(name: &str, f: impl FnOnce() -> Result<T, Error>) -> Result<T, E
     result
 }
 
+/// How often [`with_heartbeat`] says a step is still going.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Runs `f`, printing `    … {label} ({elapsed} so far)` every 30 s until it returns: a
+/// cold Go build of kube-apiserver runs for minutes without a line of its own, and a
+/// silent terminal looks hung.
+pub fn with_heartbeat<T>(label: &str, f: impl FnOnce() -> T) -> T {
+    let (done, ticks) = std::sync::mpsc::channel::<()>();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                ticks.recv_timeout(HEARTBEAT)
+            {
+                println!("    … {label} ({} so far)", fmt_duration(start.elapsed()));
+            }
+        });
+        let out = f();
+        drop(done);
+        out
+    })
+}
+
 /// `12.3s` or `4m05s`.
 pub fn fmt_duration(d: Duration) -> String {
     let secs = d.as_secs_f64();
