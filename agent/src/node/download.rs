@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::verified::Verified;
+use super::verified::{Stamp, Verified};
 use crate::error::{Error, Result};
 
 /// What to fetch.
@@ -98,8 +98,15 @@ pub async fn fetch_verified(
     if verified.current(dest, want.sha256) {
         return Ok(Outcome::AlreadyPresent);
     }
+    let before = Stamp::of(dest);
     let outcome = fetch(client, want, dest).await?;
-    verified.record(dest, want.sha256);
+    let checked = match outcome {
+        // What was hashed is what was there before, if it still is.
+        Outcome::AlreadyPresent => before,
+        // Written, checked and renamed into place by this fetch.
+        Outcome::Downloaded { .. } => Stamp::of(dest),
+    };
+    verified.record(dest, want.sha256, checked);
     Ok(outcome)
 }
 
@@ -534,36 +541,40 @@ mod tests {
         std::fs::write(&dest, &body).unwrap();
         let digest = sha(&body);
         // Nothing listens there: any fetch that goes past the checks fails.
-        let want = Want {
+        let want = |sha256| Want {
             url: "http://127.0.0.1:9/blob",
-            sha256: &digest,
+            sha256,
             size: body.len() as u64,
         };
         let (c, verified) = (client().unwrap(), Verified::default());
-        let first = fetch_verified(&c, &want, &dest, &verified).await.unwrap();
-        assert_eq!(first, Outcome::AlreadyPresent, "hashed and matched");
+        let first = fetch_verified(&c, &want(&digest), &dest, &verified).await;
+        assert_eq!(
+            first.unwrap(),
+            Outcome::AlreadyPresent,
+            "hashed and matched"
+        );
+        assert!(verified.current(&dest, &digest), "and recorded");
 
-        // Flipped in place, size and modification time kept: the memo vouches for it, so
-        // this pass did not hash (hashing would have found the mismatch and fetched).
+        // The memo answers without hashing: vouched for under another digest, the file is
+        // taken as is (hashing would find the mismatch and try the dead URL).
+        let other = "b".repeat(64);
+        verified.record(&dest, &other, Stamp::of(&dest));
+        let memo = fetch_verified(&c, &want(&other), &dest, &verified).await;
+        assert_eq!(memo.unwrap(), Outcome::AlreadyPresent);
+
+        // Flipped in place, size and mtime put back: hashed again, the mismatch found, a
+        // download attempted (and refused), nothing recorded.
+        verified.record(&dest, &digest, Stamp::of(&dest));
         let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let mut tampered = body.clone();
         tampered[0] ^= 1;
         std::fs::write(&dest, &tampered).unwrap();
         let f = std::fs::File::options().write(true).open(&dest).unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
-        let again = fetch_verified(&c, &want, &dest, &verified).await.unwrap();
-        assert_eq!(again, Outcome::AlreadyPresent);
-
-        // Touched: hashed again, the mismatch found, a download attempted (and refused).
-        let f = std::fs::File::options().write(true).open(&dest).unwrap();
-        f.set_modified(mtime + std::time::Duration::from_secs(1))
-            .unwrap();
-        drop(f);
-        let err = fetch_verified(&c, &want, &dest, &verified)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::Download { .. }), "{err}");
+        let err = fetch_verified(&c, &want(&digest), &dest, &verified).await;
+        assert!(matches!(err, Err(Error::Download { .. })), "{err:?}");
         assert!(!verified.current(&dest, &digest));
     }
 

@@ -94,8 +94,8 @@ pub struct Installer {
     /// Files this process verified by digest.
     pub verified: Verified,
     /// The sandbox image this process last saw in containerd: a pass does not run `ctr`
-    /// again (1–2 s of a TCG vCPU, every second while the node waits on the tenant).
-    /// Forgotten when the node is wiped.
+    /// again (1–2 s of a TCG vCPU on every pass while the node waits on the tenant).
+    /// Forgotten when containerd is restarted and when the node is wiped.
     pub sandbox_seen: std::sync::Mutex<Option<String>>,
 }
 
@@ -187,8 +187,12 @@ impl Installer {
         }
 
         self.at(Step::Containerd).await;
-        self.ensure_running(plan::CONTAINERD_UNIT, restart_containerd)
-            .await?;
+        if self
+            .ensure_running(plan::CONTAINERD_UNIT, restart_containerd)
+            .await?
+        {
+            self.set_sandbox_seen(None);
+        }
 
         self.at(Step::Pause).await;
         self.import_pause(join).await?;
@@ -241,8 +245,20 @@ impl Installer {
 
     /// Removes everything of the tenant, and what this process remembers of it.
     async fn wipe(&self) -> Result<()> {
-        *self.sandbox_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.verified.clear();
+        self.set_sandbox_seen(None);
         wipe::wipe(&self.root, &self.layout, &self.systemd).await
+    }
+
+    fn sandbox_seen(&self) -> Option<String> {
+        self.sandbox_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_sandbox_seen(&self, image: Option<String>) {
+        *self.sandbox_seen.lock().unwrap_or_else(|e| e.into_inner()) = image;
     }
 
     /// Writes `f` when its bytes differ; whether it did.
@@ -276,13 +292,15 @@ impl Installer {
         Ok(())
     }
 
-    async fn ensure_running(&self, unit: &str, restart: bool) -> Result<()> {
+    /// Starts `unit` when it is not running, restarts it when `restart`; whether it did.
+    async fn ensure_running(&self, unit: &str, restart: bool) -> Result<bool> {
         let active = self.systemd.active_state(unit).await.unwrap_or_default() == "active";
         if restart || !active {
             tracing::info!(unit, restart, "starting");
             self.systemd.restart_unit(unit, UNIT_TIMEOUT).await?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Imports the image's baked pause archive into containerd's CRI namespace, unless the
@@ -293,19 +311,27 @@ impl Installer {
             return Ok(());
         }
         let image = &join.containerd.sandbox_image;
-        let seen = || self.sandbox_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen().as_ref() == Some(image) {
+        if self.sandbox_seen().as_ref() == Some(image) {
             return Ok(());
         }
         let ctr = self.path(&self.layout.bin("ctr"));
         let name = format!("name=={image}");
-        let listed = super::run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
-        if String::from_utf8_lossy(&listed).trim() != image {
+        let present = || async {
+            let listed = super::run(&ctr, &["-n", "k8s.io", "images", "ls", "-q", &name]).await?;
+            Ok::<_, Error>(String::from_utf8_lossy(&listed).trim() == image)
+        };
+        if !present().await? {
             let archive = archive.to_string_lossy().into_owned();
             super::run(&ctr, &["-n", "k8s.io", "images", "import", &archive]).await?;
+            if !present().await? {
+                // An image whose baked archive is another tag than the tenant asks for:
+                // the kubelet pulls the sandbox image instead.
+                tracing::warn!(image = %image, "the baked pause archive does not hold the sandbox image");
+                return Ok(());
+            }
             tracing::info!(image = %image, "pause imported from the image");
         }
-        *seen() = Some(image.clone());
+        self.set_sandbox_seen(Some(image.clone()));
         Ok(())
     }
 }

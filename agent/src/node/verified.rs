@@ -1,61 +1,78 @@
 //! What this process has already checked by digest, so a pass over an installed node does
 //! not hash the runtime again.
 //!
-//! The node loop runs a pass every second while it waits on the tenant and every 10 s once
-//! joined; hashing the nine node binaries (186 MB) takes 4–6 s of a TCG vCPU, which held
-//! back the pass that notices the kubelet's certificate and took the CPU the node's first
-//! image pulls needed. A file is trusted again only while its size, modification time and
-//! inode are what they were when it matched; anything that rewrites it (a new file renamed
-//! over it, an append, a `touch`) makes the next pass hash it again. A restart of the agent
-//! hashes everything once.
+//! The node loop (`service.rs`) runs passes often while it waits on the tenant and
+//! periodically once joined; hashing the nine node binaries (186 MB) takes 4–6 s of a TCG
+//! vCPU, which held back the pass that notices the kubelet's certificate and took the CPU
+//! the node's first image pulls needed. A file is trusted again only while its device,
+//! inode, size, modification time and change time are what they were when it matched. The
+//! change time cannot be set from user space and moves on every write, rename, chmod or
+//! link, so any rewrite — even one that puts size and mtime back — makes the next pass hash
+//! the file again. A restart of the agent hashes everything once.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
 
-/// A verified file as it was: digest, size, modification time, inode.
+/// What a file looked like: enough that any change to it changes this.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    sha256: String,
-    len: u64,
-    modified: Option<SystemTime>,
+pub struct Stamp {
+    dev: u64,
     ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
 }
 
 impl Stamp {
-    fn of(path: &Path, sha256: &str) -> Option<Stamp> {
+    /// The stamp of `path` now; `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<Stamp> {
         let m = std::fs::metadata(path).ok()?;
         Some(Stamp {
-            sha256: sha256.to_string(),
-            len: m.len(),
-            modified: m.modified().ok(),
+            dev: m.dev(),
             ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
         })
     }
 }
 
-/// Files verified by this process, by path.
+/// Files verified by this process: path → (digest, stamp when it matched).
 #[derive(Debug, Default)]
-pub struct Verified(Mutex<HashMap<PathBuf, Stamp>>);
+pub struct Verified(Mutex<HashMap<PathBuf, (String, Stamp)>>);
 
 impl Verified {
     /// Whether `path` is unchanged since it was recorded with this `sha256`.
     pub fn current(&self, path: &Path, sha256: &str) -> bool {
         let known = self.lock().get(path).cloned();
-        known.is_some() && known == Stamp::of(path, sha256)
+        match (known, Stamp::of(path)) {
+            (Some((digest, then)), Some(now)) => digest == sha256 && then == now,
+            _ => false,
+        }
     }
 
-    /// Records that `path` has just been checked to hold `sha256`.
-    pub fn record(&self, path: &Path, sha256: &str) {
-        match Stamp::of(path, sha256) {
-            Some(stamp) => self.lock().insert(path.to_path_buf(), stamp),
-            None => self.lock().remove(path),
-        };
+    /// Records that `path` held `sha256` while it looked like `checked` (a stamp taken
+    /// before the check); records nothing, and forgets `path`, when it changed since.
+    pub fn record(&self, path: &Path, sha256: &str, checked: Option<Stamp>) {
+        match (checked, Stamp::of(path)) {
+            (Some(then), Some(now)) if then == now => {
+                self.lock()
+                    .insert(path.to_path_buf(), (sha256.to_string(), now));
+            }
+            _ => {
+                self.lock().remove(path);
+            }
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Stamp>> {
+    /// Forgets everything (the node was wiped).
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (String, Stamp)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -65,8 +82,28 @@ mod tests {
     use super::*;
     use std::fs::File;
     use std::io::Write;
+    use std::time::{Duration, SystemTime};
 
     const SHA: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn set_mtime(p: &Path, t: SystemTime) {
+        File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    fn mtime(p: &Path) -> SystemTime {
+        std::fs::metadata(p).unwrap().modified().unwrap()
+    }
+
+    /// Records `p` as checked just now.
+    fn record(v: &Verified, p: &Path) {
+        v.record(p, SHA, Stamp::of(p));
+        assert!(v.current(p, SHA));
+    }
 
     #[test]
     fn unknown_files_are_not_current() {
@@ -77,68 +114,90 @@ mod tests {
     }
 
     #[test]
-    fn a_recorded_file_stays_current_until_it_changes() {
+    fn a_recorded_file_is_current_for_its_digest_only() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("kubelet");
         std::fs::write(&p, b"bin").unwrap();
         let v = Verified::default();
-        v.record(&p, SHA);
-        assert!(v.current(&p, SHA));
-        assert!(
-            !v.current(&p, &"b".repeat(64)),
-            "another digest is not vouched for"
-        );
+        record(&v, &p);
+        assert!(!v.current(&p, &"b".repeat(64)));
+    }
 
-        // Appended to: the size changes.
+    #[test]
+    fn any_rewrite_is_noticed_even_with_size_and_mtime_put_back() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("kubelet");
+        std::fs::write(&p, b"bin").unwrap();
+        let v = Verified::default();
+        let before = mtime(&p);
+
+        // Rewritten in place, same size, mtime put back: only the change time tells.
+        record(&v, &p);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, b"BIN").unwrap();
+        set_mtime(&p, before);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 3);
+        assert!(!v.current(&p, SHA));
+
+        // Appended to, mtime put back: the size.
+        record(&v, &p);
         File::options()
             .append(true)
             .open(&p)
             .unwrap()
             .write_all(b"x")
             .unwrap();
+        set_mtime(&p, before);
         assert!(!v.current(&p, SHA));
 
-        // Replaced by a rename (what an install does): a new inode.
-        v.record(&p, SHA);
+        // Replaced by a rename (what an install does): another inode.
+        record(&v, &p);
         let other = t.path().join("new");
-        std::fs::write(&other, b"binx").unwrap();
-        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
-        File::options()
-            .write(true)
-            .open(&other)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
+        std::fs::write(&other, b"BINx").unwrap();
+        set_mtime(&other, before);
         std::fs::rename(&other, &p).unwrap();
         assert!(!v.current(&p, SHA));
 
-        // Touched: the modification time changes.
-        v.record(&p, SHA);
-        let later = mtime + std::time::Duration::from_secs(5);
-        File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        // Touched.
+        record(&v, &p);
+        set_mtime(&p, before + Duration::from_secs(5));
         assert!(!v.current(&p, SHA));
 
         // Gone.
-        v.record(&p, SHA);
+        record(&v, &p);
         std::fs::remove_file(&p).unwrap();
         assert!(!v.current(&p, SHA));
     }
 
     #[test]
-    fn recording_a_missing_file_forgets_it() {
+    fn a_file_that_changed_during_its_check_is_not_recorded() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("kubelet");
         std::fs::write(&p, b"bin").unwrap();
         let v = Verified::default();
-        v.record(&p, SHA);
-        std::fs::remove_file(&p).unwrap();
-        v.record(&p, SHA);
-        std::fs::write(&p, b"bin").unwrap();
+        record(&v, &p);
+        let checked = Stamp::of(&p);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&p, b"BIN").unwrap();
+        v.record(&p, SHA, checked);
+        assert!(v.lock().get(&p).is_none(), "the old entry is dropped too");
         assert!(!v.current(&p, SHA));
+    }
+
+    #[test]
+    fn a_missing_file_is_forgotten_and_clear_forgets_all() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let v = Verified::default();
+        record(&v, &a);
+        record(&v, &b);
+        std::fs::remove_file(&a).unwrap();
+        v.record(&a, SHA, None);
+        assert!(v.lock().get(&a).is_none());
+        v.clear();
+        assert!(v.lock().is_empty());
+        assert!(!v.current(&b, SHA));
     }
 }
