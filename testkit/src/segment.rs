@@ -21,7 +21,9 @@
 //!   0: not a default router). iPXE configures IPv4 and IPv6 together and boots only when
 //!   both are done; on a segment where no router answers its solicitations it waits for
 //!   its IPv6 timer to give up, about 16 s. The host end of the uplink has IPv6 off, so
-//!   the host takes no address from them; the nodes' networkd config has no IPv6.
+//!   the host takes no address from them, and so do the nodes' own namespaces (the image's
+//!   networkd config is IPv4-only; the kernel would autoconfigure before networkd runs).
+//!   On a host without IPv6 the segment has none, and PXE boots pay the 16 s.
 //! - **No ping check** (`--no-ping`): dnsmasq otherwise pings an address before offering
 //!   it and, single-threaded, answers nothing else meanwhile (3 s per offer). Nothing but
 //!   this dnsmasq hands out addresses here.
@@ -54,7 +56,10 @@ impl Segment {
         let prefix = free_prefix()?;
         let ns = NetNs::create()?;
         ns.add_bridge(BRIDGE, Some(&format!("{}/24", addr(prefix, 2))))?;
-        ns.ip(&["-6", "addr", "add", &ula(prefix, 2), "dev", BRIDGE, "nodad"])?;
+        let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+        if ipv6 {
+            ns.ip(&["-6", "addr", "add", &ula(prefix, 2), "dev", BRIDGE, "nodad"])?;
+        }
         let uplink = format!("tsg{}", std::process::id() % 1_000_000);
         let _ = Command::new("ip")
             .args(["link", "delete", &uplink])
@@ -89,7 +94,7 @@ impl Segment {
         run(Command::new("ip").args(["link", "set", &uplink, "up"]))?;
         ns.ip(&["link", "set", "up0", "master", BRIDGE])?;
         ns.ip(&["link", "set", "up0", "up"])?;
-        let dhcp = start_dnsmasq(&ns, prefix, dir)?;
+        let dhcp = start_dnsmasq(&ns, prefix, dir, ipv6)?;
         Ok(Segment {
             dhcp,
             ns,
@@ -139,6 +144,17 @@ impl Segment {
         let port = format!("vn{}", self.next_port.fetch_add(1, Ordering::Relaxed));
         self.ns.add_veth(&port, "eth0", Some(&node), Some(BRIDGE))?;
         node.ip(&["link", "set", "eth0", "down"])?;
+        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            let off = "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra \
+                       && echo 0 > /proc/sys/net/ipv6/conf/eth0/autoconf";
+            let out = node.command("sh").args(["-c", off]).output();
+            if !out.as_ref().is_ok_and(|o| o.status.success()) {
+                return Err(Error::Command {
+                    command: format!("in {}: {off}", node.name()),
+                    detail: format!("{out:?}"),
+                });
+            }
+        }
         node.ip(&["link", "set", "eth0", "address", mac])?;
         node.ip(&["link", "set", "eth0", "up"])?;
         Ok(node)
@@ -189,7 +205,7 @@ fn free_prefix() -> Result<[u8; 3]> {
     })
 }
 
-fn start_dnsmasq(ns: &NetNs, p: [u8; 3], dir: &Path) -> Result<Process> {
+fn start_dnsmasq(ns: &NetNs, p: [u8; 3], dir: &Path, ipv6: bool) -> Result<Process> {
     let dnsmasq = crate::rootfs::which("dnsmasq", "install dnsmasq-base (cargo xtask deps does)")?;
     let leases = dir.join("dnsmasq.leases");
     let mut cmd = ns.command(dnsmasq);
@@ -214,13 +230,15 @@ fn start_dnsmasq(ns: &NetNs, p: [u8; 3], dir: &Path) -> Result<Process> {
     .arg(format!("--dhcp-option=option:router,{}", addr(p, 1)))
     .arg(format!("--dhcp-option=option:ntp-server,{}", addr(p, 1)))
     .arg("--no-ping")
-    // Router advertisements of the bridge's prefix, answering solicitations at once;
-    // lifetime 0: nobody's default route.
-    .arg("--enable-ra")
-    .arg(format!("--dhcp-range=::,constructor:{BRIDGE},ra-only,64"))
-    .arg(format!("--ra-param={BRIDGE},60,0"))
     .arg(format!("--dhcp-leasefile={}", leases.display()))
     .arg("--pid-file=");
+    if ipv6 {
+        // Router advertisements of the bridge's prefix, answering solicitations at once;
+        // lifetime 0: nobody's default route.
+        cmd.arg("--enable-ra")
+            .arg(format!("--dhcp-range=::,constructor:{BRIDGE},ra-only,64"))
+            .arg(format!("--ra-param={BRIDGE},60,0"));
+    }
     let log = dir.join("dnsmasq.log");
     let mut proc = Process::spawn("dnsmasq", cmd, &log)?;
     // dnsmasq logs "started" once its sockets are bound.

@@ -1,18 +1,43 @@
 //! The boot segment as a machine sees it: the site's router advertisements reach a machine
-//! on the bridge (iPXE boots only once its IPv6 configuration is done), and the host takes
-//! no address from them.
+//! on the bridge (iPXE boots only once its IPv6 configuration is done); the host and the
+//! nodes' own namespaces take no address from them.
 
 use std::time::{Duration, Instant};
 
 use tether_testkit::segment::Segment;
 
 #[test]
-fn a_machine_hears_the_segments_router_advertisements_and_the_host_does_not() {
+fn a_machine_hears_the_router_advertisements_the_host_and_the_nodes_do_not() {
     let dir = tempfile::tempdir().unwrap();
     let seg = Segment::create(dir.path()).unwrap();
-    // A fresh namespace has the kernel's defaults (accept_ra, autoconf): it solicits on
-    // link-up and takes an address from the advertised prefix, as iPXE does.
     let node = seg.add_node_netns("52:54:00:7e:0f:01").unwrap();
+    // A node's namespace takes nothing from the advertisements (its networkd config is
+    // IPv4-only)…
+    let sysctl = |name: &str| {
+        let out = node
+            .command("cat")
+            .arg(format!("/proc/sys/net/ipv6/conf/eth0/{name}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        (sysctl("accept_ra"), sysctl("autoconf")),
+        ("0".into(), "0".into())
+    );
+    // …so stand in for iPXE by turning the kernel's autoconfiguration back on: it
+    // solicits on link-up and takes an address from the advertised prefix.
+    let on = "echo 1 > /proc/sys/net/ipv6/conf/eth0/accept_ra \
+              && echo 1 > /proc/sys/net/ipv6/conf/eth0/autoconf";
+    assert!(
+        node.command("sh")
+            .args(["-c", on])
+            .status()
+            .unwrap()
+            .success()
+    );
+    node.ip(&["link", "set", "eth0", "down"]).unwrap();
+    node.ip(&["link", "set", "eth0", "up"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let addrs = loop {
         let a = node
