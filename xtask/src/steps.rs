@@ -1,5 +1,6 @@
 //! Timed steps and the `test` command.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,7 +35,13 @@ pub fn with_heartbeat<T>(label: &str, f: impl FnOnce() -> T) -> T {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 ticks.recv_timeout(HEARTBEAT)
             {
-                println!("    … {label} ({} so far)", fmt_duration(start.elapsed()));
+                // Not println!: a closed stdout (`| head`) must not panic the build's scope.
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(
+                    out,
+                    "    … {label} ({} so far)",
+                    fmt_duration(start.elapsed())
+                );
             }
         });
         let out = f();
