@@ -44,6 +44,8 @@ pub const BRIDGE: &str = "br0";
 pub struct Segment {
     dhcp: Process,
     ns: NetNs,
+    /// The host has IPv6: the segment advertises a prefix, and nodes must ignore it.
+    ipv6: bool,
     uplink: String,
     prefix: [u8; 3],
     next_port: AtomicU32,
@@ -100,6 +102,7 @@ impl Segment {
             ns,
             uplink,
             prefix,
+            ipv6,
             next_port: AtomicU32::new(0),
         })
     }
@@ -144,16 +147,15 @@ impl Segment {
         let port = format!("vn{}", self.next_port.fetch_add(1, Ordering::Relaxed));
         self.ns.add_veth(&port, "eth0", Some(&node), Some(BRIDGE))?;
         node.ip(&["link", "set", "eth0", "down"])?;
-        if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            let off = "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra \
-                       && echo 0 > /proc/sys/net/ipv6/conf/eth0/autoconf";
-            let out = node.command("sh").args(["-c", off]).output();
-            if !out.as_ref().is_ok_and(|o| o.status.success()) {
-                return Err(Error::Command {
-                    command: format!("in {}: {off}", node.name()),
-                    detail: format!("{out:?}"),
-                });
-            }
+        if self.ipv6 {
+            node.exec(
+                "sh",
+                &[
+                    "-c",
+                    "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra \
+                     && echo 0 > /proc/sys/net/ipv6/conf/eth0/autoconf",
+                ],
+            )?;
         }
         node.ip(&["link", "set", "eth0", "address", mac])?;
         node.ip(&["link", "set", "eth0", "up"])?;

@@ -14,12 +14,8 @@ fn a_machine_hears_the_router_advertisements_the_host_and_the_nodes_do_not() {
     // A node's namespace takes nothing from the advertisements (its networkd config is
     // IPv4-only)…
     let sysctl = |name: &str| {
-        let out = node
-            .command("cat")
-            .arg(format!("/proc/sys/net/ipv6/conf/eth0/{name}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let path = format!("/proc/sys/net/ipv6/conf/eth0/{name}");
+        node.exec("cat", &[&path]).unwrap().trim().to_string()
     };
     assert_eq!(
         (sysctl("accept_ra"), sysctl("autoconf")),
@@ -29,13 +25,7 @@ fn a_machine_hears_the_router_advertisements_the_host_and_the_nodes_do_not() {
     // solicits on link-up and takes an address from the advertised prefix.
     let on = "echo 1 > /proc/sys/net/ipv6/conf/eth0/accept_ra \
               && echo 1 > /proc/sys/net/ipv6/conf/eth0/autoconf";
-    assert!(
-        node.command("sh")
-            .args(["-c", on])
-            .status()
-            .unwrap()
-            .success()
-    );
+    node.exec("sh", &["-c", on]).unwrap();
     node.ip(&["link", "set", "eth0", "down"]).unwrap();
     node.ip(&["link", "set", "eth0", "up"]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
